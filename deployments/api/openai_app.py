@@ -1,0 +1,525 @@
+"""The OpenAI HTTP API as a FastAPI app over model backends.
+
+Kept free of Ray: the Serve Router deployment hands it backends that call LLMServer handles, and
+the unit tests hand it backends that call an engine in-process. The flow per request:
+parse (bounded body) -> validate -> tokenize -> context check -> backend.generate -> JSON or SSE.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import time
+import uuid
+from collections.abc import AsyncIterator, Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Protocol, TypeVar
+
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+from pydantic import BaseModel, ValidationError
+
+from deployments.api import sse
+from deployments.api.errors import (
+    APIError,
+    bad_request,
+    from_validation_error,
+    internal_error,
+    model_not_found,
+    service_unavailable,
+)
+from deployments.api.protocol import (
+    AssistantMessage,
+    ChatChoice,
+    ChatChunkChoice,
+    ChatCompletionChunk,
+    ChatCompletionRequest,
+    ChatCompletionResponse,
+    ChatDelta,
+    ChatLogprobs,
+    ChatTokenLogprob,
+    CompletionChoice,
+    CompletionLogprobs,
+    CompletionRequest,
+    CompletionResponse,
+    ModelCard,
+    ModelList,
+    TopLogprob,
+    Usage,
+    make_usage,
+)
+from deployments.config import AppConfig, ModelConfig
+from deployments.engines.base import (
+    EngineDeadError,
+    EngineOutput,
+    EngineRequest,
+    EngineStats,
+    FinishReason,
+    SamplingParams,
+    TokenLogprob,
+)
+from deployments.tokenizer import PromptTokenizer
+
+logger = logging.getLogger("ray.serve")
+
+# Tokenizing a long prompt takes milliseconds; off the event loop it cannot stall other requests.
+_TOKENIZE_INLINE_MAX_CHARS = 4096
+
+
+class ModelBackend(Protocol):
+    """How the API reaches a model's replicas."""
+
+    def generate(self, request: EngineRequest) -> AsyncIterator[list[EngineOutput]]: ...
+
+    async def stats(self) -> EngineStats:
+        """Stats of one healthy replica; raises when none answers."""
+
+
+class UnavailableError(RuntimeError):
+    """No replica could take the request (dead, draining or none yet): retryable, 503."""
+
+
+@dataclass
+class ServedModel:
+    config: ModelConfig
+    tokenizer: PromptTokenizer
+    backend: ModelBackend
+    created: int = field(default_factory=lambda: int(time.time()))
+
+
+@dataclass
+class _Choice:
+    text: list[str] = field(default_factory=list)
+    num_tokens: int = 0
+    logprobs: list[TokenLogprob] = field(default_factory=list)
+    finish_reason: FinishReason | None = None
+
+
+class _Accumulator:
+    """Collects a request's outputs: per-choice text and counts, and the usage."""
+
+    def __init__(self, n: int) -> None:
+        self.choices = [_Choice() for _ in range(n)]
+        self.prompt_tokens = 0
+        self.cached_tokens = 0
+
+    def add(self, output: EngineOutput) -> None:
+        choice = self.choices[output.index]
+        choice.text.append(output.text)
+        choice.num_tokens += len(output.token_ids)
+        if output.logprobs:
+            choice.logprobs.extend(output.logprobs)
+        if output.finish_reason is not None:
+            choice.finish_reason = output.finish_reason
+        self.prompt_tokens = max(self.prompt_tokens, output.num_prompt_tokens)
+        self.cached_tokens = max(self.cached_tokens, output.num_cached_tokens)
+
+    def usage(self) -> Usage:
+        completion = sum(c.num_tokens for c in self.choices)
+        return make_usage(self.prompt_tokens, completion, self.cached_tokens)
+
+
+def completion_logprobs(items: Sequence[TokenLogprob], offset: int) -> CompletionLogprobs:
+    offsets = []
+    for item in items:
+        offsets.append(offset)
+        offset += len(item.token)
+    return CompletionLogprobs(
+        tokens=[i.token for i in items],
+        token_logprobs=[i.logprob for i in items],
+        top_logprobs=[{tok: lp for _, tok, lp in i.top} for i in items],
+        text_offset=offsets,
+    )
+
+
+def chat_logprobs(items: Sequence[TokenLogprob]) -> ChatLogprobs:
+    return ChatLogprobs(
+        content=[
+            ChatTokenLogprob(
+                token=i.token,
+                logprob=i.logprob,
+                bytes=list(i.token.encode()),
+                top_logprobs=[
+                    TopLogprob(token=tok, logprob=lp, bytes=list(tok.encode()))
+                    for _, tok, lp in i.top
+                ],
+            )
+            for i in items
+        ]
+    )
+
+
+Parsed = TypeVar("Parsed", bound=BaseModel)
+
+
+class OpenAIApp:
+    """Builds the FastAPI app; `self.app` is what Serve (or httpx's ASGI transport in tests) runs.
+
+    X-Request-Id is Serve's: its proxy accepts the client's or generates one, and echoes it.
+    """
+
+    def __init__(self, config: AppConfig, backends: Mapping[str, ModelBackend]) -> None:
+        self._config = config.router
+        self._models = {
+            m.name: ServedModel(m, PromptTokenizer(m.tokenizer_source), backends[m.name])
+            for m in config.models
+        }
+        self.app = FastAPI(title="inference-cluster", docs_url=None, redoc_url=None)
+        self.app.add_exception_handler(APIError, self._api_error)  # type: ignore[arg-type]
+        self.app.add_exception_handler(Exception, self._unexpected_error)
+        self.app.add_api_route("/health", self.health, methods=["GET"])
+        self.app.add_api_route("/v1/models", self.list_models, methods=["GET"])
+        self.app.add_api_route("/v1/models/{model:path}", self.get_model, methods=["GET"])
+        self.app.add_api_route("/v1/completions", self.completions, methods=["POST"])
+        self.app.add_api_route("/v1/chat/completions", self.chat_completions, methods=["POST"])
+        self.app.router.default = self._not_found  # type: ignore[assignment]
+
+    # ---- endpoints ------------------------------------------------------------------------------
+
+    async def health(self) -> Response:
+        async def check(served: ServedModel) -> str | None:
+            try:
+                await asyncio.wait_for(served.backend.stats(), self._config.health_check_timeout_s)
+                return None
+            except Exception as exc:
+                return f"{type(exc).__name__}: {exc}"[:300]
+
+        names = list(self._models)
+        problems = await asyncio.gather(*(check(self._models[n]) for n in names))
+        unhealthy = {n: p for n, p in zip(names, problems, strict=True) if p is not None}
+        if unhealthy:
+            error = service_unavailable(f"models without a healthy replica: {unhealthy}", 5)
+            return JSONResponse(error.body(), error.status, headers=error.headers)
+        return JSONResponse({"status": "ok", "models": names})
+
+    async def list_models(self) -> ModelList:
+        return ModelList(data=[self._card(m) for m in self._models.values()])
+
+    async def get_model(self, model: str) -> ModelCard:
+        return self._card(self._served(model))
+
+    async def completions(self, request: Request) -> Response:
+        body = await self._parse(request, CompletionRequest)
+        served = self._served(body.model)
+        if isinstance(body.prompt, str):
+            prompt_ids = await _off_loop_if_long(
+                served.tokenizer.encode_text, body.prompt, len(body.prompt)
+            )
+        else:
+            prompt_ids = list(body.prompt)
+            _check_token_ids(prompt_ids, served.tokenizer.vocab_size)
+        max_tokens = body.max_tokens or 16
+        _check_context(served.config, len(prompt_ids), max_tokens, "prompt")
+        engine_request = _engine_request(
+            "cmpl", prompt_ids, body.sampling_params(max_tokens, body.logprobs)
+        )
+        outputs = self._generate(served, engine_request)
+        if body.stream:
+            return await self._stream(
+                outputs, self._completion_chunks(body, engine_request.request_id, outputs)
+            )
+        acc = await self._collect(outputs, body.n)
+        offset_logprobs = body.logprobs is not None
+        return _json(
+            CompletionResponse(
+                id=engine_request.request_id,
+                model=body.model,
+                choices=[
+                    CompletionChoice(
+                        index=i,
+                        text="".join(c.text),
+                        logprobs=completion_logprobs(c.logprobs, 0) if offset_logprobs else None,
+                        finish_reason=c.finish_reason,
+                    )
+                    for i, c in enumerate(acc.choices)
+                ],
+                usage=acc.usage(),
+            )
+        )
+
+    async def chat_completions(self, request: Request) -> Response:
+        body = await self._parse(request, ChatCompletionRequest)
+        served = self._served(body.model)
+        messages = [{"role": m.role, "content": m.text()} for m in body.messages]
+        size = sum(len(m["content"]) for m in messages)
+        prompt_ids = await _off_loop_if_long(served.tokenizer.encode_chat, messages, size)
+        max_tokens = body.requested_max_tokens
+        if max_tokens is None:
+            # Like vLLM: without a limit, generate until the context is full.
+            max_tokens = max(served.config.max_model_len - len(prompt_ids), 1)
+        _check_context(served.config, len(prompt_ids), max_tokens, "messages")
+        engine_request = _engine_request(
+            "chatcmpl", prompt_ids, body.sampling_params(max_tokens, body.engine_logprobs)
+        )
+        outputs = self._generate(served, engine_request)
+        if body.stream:
+            return await self._stream(
+                outputs, self._chat_chunks(body, engine_request.request_id, outputs)
+            )
+        acc = await self._collect(outputs, body.n)
+        return _json(
+            ChatCompletionResponse(
+                id=engine_request.request_id,
+                model=body.model,
+                choices=[
+                    ChatChoice(
+                        index=i,
+                        message=AssistantMessage(content="".join(c.text)),
+                        logprobs=chat_logprobs(c.logprobs) if body.logprobs else None,
+                        finish_reason=c.finish_reason,
+                    )
+                    for i, c in enumerate(acc.choices)
+                ],
+                usage=acc.usage(),
+            )
+        )
+
+    # ---- request path ---------------------------------------------------------------------------
+
+    async def _parse(self, request: Request, model: type[Parsed]) -> Parsed:
+        limit = self._config.max_body_bytes
+        declared = request.headers.get("content-length")
+        if declared is not None and declared.isdigit() and int(declared) > limit:
+            raise _too_large(limit)
+        chunks: list[bytes] = []
+        size = 0
+        async for chunk in request.stream():  # bounded read: never buffer more than the limit
+            size += len(chunk)
+            if size > limit:
+                raise _too_large(limit)
+            chunks.append(chunk)
+        try:
+            data = json.loads(b"".join(chunks))
+        except (ValueError, UnicodeDecodeError) as exc:
+            raise bad_request(f"The request body is not valid JSON: {exc}") from None
+        if not isinstance(data, dict):
+            raise bad_request("The request body must be a JSON object.")
+        try:
+            return model.model_validate(data)
+        except ValidationError as exc:
+            raise from_validation_error(exc) from None
+
+    def _served(self, model: str) -> ServedModel:
+        served = self._models.get(model)
+        if served is None:
+            raise model_not_found(model)
+        return served
+
+    async def _generate(
+        self, served: ServedModel, request: EngineRequest
+    ) -> AsyncIterator[list[EngineOutput]]:
+        """The backend stream under the request deadline, with backend failures as APIErrors."""
+        stream = served.backend.generate(request)
+        try:
+            async with asyncio.timeout(self._config.request_timeout_s):
+                async for batch in stream:
+                    yield batch
+        except TimeoutError:
+            raise APIError(
+                504,
+                f"The request did not finish within {self._config.request_timeout_s:g} s.",
+                type="timeout",
+                code="request_timeout",
+            ) from None
+        except (UnavailableError, EngineDeadError) as exc:
+            message = f"model {served.config.name!r} is unavailable: {exc}"
+            raise service_unavailable(message) from exc
+        finally:
+            # Closing the backend stream aborts the engine request when it has not finished
+            # (client gone, deadline, error): nothing keeps running for nobody.
+            await stream.aclose()  # type: ignore[attr-defined]
+
+    async def _collect(self, outputs: AsyncIterator[list[EngineOutput]], n: int) -> _Accumulator:
+        acc = _Accumulator(n)
+        async for batch in outputs:
+            for output in batch:
+                acc.add(output)
+        if any(c.finish_reason is None for c in acc.choices):
+            raise internal_error("The engine stream ended before every choice finished.")
+        return acc
+
+    async def _stream(
+        self, outputs: AsyncIterator[list[EngineOutput]], chunks: AsyncIterator[bytes]
+    ) -> Response:
+        """Start streaming only once the first chunk exists, so that a failure before the first
+        token is still a plain HTTP error with the right status, not a 200 with an error event."""
+        try:
+            first = await anext(chunks)
+        except StopAsyncIteration:
+            raise internal_error("The engine produced no output.") from None
+
+        async def body() -> AsyncIterator[bytes]:
+            yield first
+            try:
+                async for chunk in chunks:
+                    yield chunk
+            except APIError as exc:
+                yield sse.event(exc.body())
+                return
+            except Exception:
+                logger.exception("stream failed after its first byte")
+                yield sse.event(internal_error().body())
+                return
+            yield sse.DONE
+
+        return StreamingResponse(body(), media_type=sse.MEDIA_TYPE)
+
+    async def _completion_chunks(
+        self,
+        body: CompletionRequest,
+        request_id: str,
+        outputs: AsyncIterator[list[EngineOutput]],
+    ) -> AsyncIterator[bytes]:
+        created = int(time.time())
+        acc = _Accumulator(body.n)
+        offsets = [0] * body.n
+        async for batch in outputs:
+            for output in batch:
+                acc.add(output)
+                logprobs = None
+                if body.logprobs is not None and output.logprobs is not None:
+                    logprobs = completion_logprobs(output.logprobs, offsets[output.index])
+                offsets[output.index] += len(output.text)
+                yield sse.event(
+                    CompletionResponse(
+                        id=request_id,
+                        created=created,
+                        model=body.model,
+                        choices=[
+                            CompletionChoice(
+                                index=output.index,
+                                text=output.text,
+                                logprobs=logprobs,
+                                finish_reason=output.finish_reason,
+                            )
+                        ],
+                    )
+                )
+        if body.include_usage_chunk:
+            yield sse.event(
+                CompletionResponse(
+                    id=request_id, created=created, model=body.model, choices=[], usage=acc.usage()
+                )
+            )
+
+    async def _chat_chunks(
+        self,
+        body: ChatCompletionRequest,
+        request_id: str,
+        outputs: AsyncIterator[list[EngineOutput]],
+    ) -> AsyncIterator[bytes]:
+        created = int(time.time())
+        acc = _Accumulator(body.n)
+        opened = False
+
+        def chunk(choices: list[ChatChunkChoice], usage: Usage | None = None) -> bytes:
+            return sse.event(
+                ChatCompletionChunk(
+                    id=request_id, created=created, model=body.model, choices=choices, usage=usage
+                )
+            )
+
+        async for batch in outputs:
+            for output in batch:
+                if not opened:
+                    # OpenAI opens every choice with the assistant role and empty content.
+                    opened = True
+                    yield chunk(
+                        [
+                            ChatChunkChoice(index=i, delta=ChatDelta(role="assistant", content=""))
+                            for i in range(body.n)
+                        ]
+                    )
+                acc.add(output)
+                logprobs = None
+                if body.logprobs and output.logprobs is not None:
+                    logprobs = chat_logprobs(output.logprobs)
+                yield chunk(
+                    [
+                        ChatChunkChoice(
+                            index=output.index,
+                            delta=ChatDelta(content=output.text),
+                            logprobs=logprobs,
+                            finish_reason=output.finish_reason,
+                        )
+                    ]
+                )
+        if body.include_usage_chunk:
+            yield chunk([], acc.usage())
+
+    # ---- helpers --------------------------------------------------------------------------------
+
+    def _card(self, served: ServedModel) -> ModelCard:
+        return ModelCard(
+            id=served.config.name,
+            created=served.created,
+            max_model_len=served.config.max_model_len,
+        )
+
+    async def _api_error(self, request: Request, exc: APIError) -> Response:
+        return JSONResponse(exc.body(), exc.status, headers=exc.headers)
+
+    async def _unexpected_error(self, request: Request, exc: Exception) -> Response:
+        logger.exception("unhandled error on %s", request.url.path, exc_info=exc)
+        error = internal_error()
+        return JSONResponse(error.body(), error.status)
+
+    async def _not_found(self, scope: Any, receive: Any, send: Any) -> None:
+        error = APIError(404, f"No route {scope.get('path')!r}.", code="not_found")
+        await JSONResponse(error.body(), error.status)(scope, receive, send)
+
+
+def _engine_request(prefix: str, prompt_ids: list[int], sampling: SamplingParams) -> EngineRequest:
+    return EngineRequest(
+        request_id=f"{prefix}-{uuid.uuid4().hex}",
+        prompt_token_ids=tuple(prompt_ids),
+        sampling=sampling,
+    )
+
+
+def _check_context(
+    model: ModelConfig, prompt_tokens: int, max_tokens: int, prompt_param: str
+) -> None:
+    limit = model.max_model_len
+    if prompt_tokens >= limit:
+        raise bad_request(
+            f"This model's maximum context length is {limit} tokens, but the prompt has "
+            f"{prompt_tokens} tokens (at least one token must be left to generate).",
+            param=prompt_param,
+            code="context_length_exceeded",
+        )
+    if prompt_tokens + max_tokens > limit:
+        raise bad_request(
+            f"This model's maximum context length is {limit} tokens; the prompt has "
+            f"{prompt_tokens} tokens and max_tokens is {max_tokens} ({prompt_tokens + max_tokens} "
+            f"in all). Lower max_tokens to at most {limit - prompt_tokens}.",
+            param="max_tokens",
+            code="context_length_exceeded",
+        )
+
+
+def _check_token_ids(token_ids: Sequence[int], vocab_size: int) -> None:
+    bad = next((t for t in token_ids if t >= vocab_size), None)
+    if bad is not None:
+        raise bad_request(
+            f"prompt: token id {bad} is outside the vocabulary (size {vocab_size}).", "prompt"
+        )
+
+
+async def _off_loop_if_long(fn: Callable[[Any], list[int]], arg: Any, size: int) -> list[int]:
+    if size <= _TOKENIZE_INLINE_MAX_CHARS:
+        return fn(arg)
+    return await asyncio.to_thread(fn, arg)
+
+
+def _too_large(limit: int) -> APIError:
+    return APIError(
+        413,
+        f"The request body is larger than the limit of {limit} bytes.",
+        code="request_too_large",
+    )
+
+
+def _json(model: BaseModel) -> Response:
+    return Response(model.model_dump_json(), media_type="application/json")

@@ -1,0 +1,53 @@
+"""build_app: the Serve application of an AppConfig (for `serve run`, KubeRay and our CLI).
+
+    serve run deployments.app:build_app   (args: the AppConfig as a dict)
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from ray import serve
+from ray.serve import Application
+
+from deployments.config import AppConfig, deployment_name
+from deployments.llm_server import LLMServer
+from deployments.placement import replica_placement
+from deployments.router import Router
+
+ROUTER_DEPLOYMENT = "Router"
+
+
+def build_app(args: AppConfig | dict[str, Any]) -> Application:
+    config = args if isinstance(args, AppConfig) else AppConfig.model_validate(args)
+    llm_servers = {}
+    for model in config.models:
+        placement = replica_placement(model)
+        llm_servers[model.name] = (
+            serve.deployment(LLMServer)
+            .options(
+                name=deployment_name(model.name),
+                num_replicas=model.num_replicas,
+                max_ongoing_requests=model.max_ongoing_requests,
+                # The replica actor sits in the first bundle (which reserves replica_cpus for it
+                # on top of the first worker's share).
+                ray_actor_options={
+                    "num_cpus": model.replica_cpus,
+                    "runtime_env": {"env_vars": dict(model.engine_env)},
+                },
+                placement_group_bundles=placement.bundles,
+                placement_group_strategy=placement.strategy,
+                # Engine start takes a minute on CPU; health checks wait for it.
+                health_check_period_s=10,
+                health_check_timeout_s=30,
+                graceful_shutdown_timeout_s=30,
+            )
+            .bind(model)
+        )
+    router = serve.deployment(Router).options(
+        name=ROUTER_DEPLOYMENT,
+        num_replicas=config.router.num_replicas,
+        max_ongoing_requests=config.router.max_ongoing_requests,
+        ray_actor_options={"num_cpus": config.router.cpus},
+    )
+    return router.bind(config, llm_servers)

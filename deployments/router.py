@@ -1,0 +1,61 @@
+"""Router: the Serve ingress deployment that serves the OpenAI API for every model.
+
+The API itself is `OpenAIApp` (Ray-free); this file only adapts LLMServer deployment handles to
+its `ModelBackend` protocol and hands the app to Serve.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from typing import Any
+
+from ray import serve
+from ray.exceptions import RayActorError
+from ray.serve.exceptions import BackPressureError, DeploymentUnavailableError
+from ray.serve.handle import DeploymentHandle
+
+from deployments.api.openai_app import OpenAIApp, UnavailableError
+from deployments.config import AppConfig
+from deployments.engines.base import EngineOutput, EngineRequest, EngineStats
+
+# What a handle raises when no replica can take a request right now: retryable, so 503.
+_UNAVAILABLE = (RayActorError, BackPressureError, DeploymentUnavailableError)
+
+
+class ServeBackend:
+    """A model's LLMServer replicas, reached through a Serve deployment handle."""
+
+    def __init__(self, handle: DeploymentHandle) -> None:
+        self._handle = handle
+        self._streaming = handle.options(stream=True)
+
+    async def generate(self, request: EngineRequest) -> AsyncIterator[list[EngineOutput]]:
+        responses = self._streaming.generate.remote(request)
+        finished = False
+        try:
+            async for batch in responses:
+                yield batch
+            finished = True
+        except _UNAVAILABLE as exc:
+            raise UnavailableError(str(exc)) from exc
+        finally:
+            if not finished:
+                # Cancels the replica's generator, whose cleanup aborts the engine request.
+                responses.cancel()
+
+    async def stats(self) -> EngineStats:
+        try:
+            return await self._handle.stats.remote()
+        except _UNAVAILABLE as exc:
+            raise UnavailableError(str(exc)) from exc
+
+
+@serve.ingress()
+class Router:
+    def __init__(self, config: AppConfig, llm_servers: dict[str, DeploymentHandle]) -> None:
+        self._api = OpenAIApp(
+            config, {name: ServeBackend(handle) for name, handle in llm_servers.items()}
+        )
+
+    def __serve_build_asgi_app__(self) -> Any:
+        return self._api.app

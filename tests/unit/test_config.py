@@ -1,0 +1,94 @@
+"""ClusterConfig loading and validation: good files load, bad ones name the field."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import yaml
+
+from cluster.cli import main
+from cluster.config import ConfigError, load_config
+
+CONFIGS = Path(__file__).parents[2] / "cluster" / "configs"
+SIMULATED_MODEL = {
+    "name": "m",
+    "engine": "simulated",
+    "source": "/tmp/tok",
+    "device": "cpu",
+    "max_model_len": 1024,
+}
+
+
+def write(tmp_path: Path, data: object) -> Path:
+    path = tmp_path / "c.yaml"
+    path.write_text(yaml.safe_dump(data))
+    return path
+
+
+@pytest.mark.parametrize("name", ["local.yaml", "simulated.yaml", "gpu-node.yaml"])
+def test_shipped_configs_are_valid(name: str) -> None:
+    config = load_config(CONFIGS / name)
+    assert config.models
+
+
+def test_defaults_fill_in(tmp_path: Path) -> None:
+    config = load_config(write(tmp_path, {"models": [SIMULATED_MODEL]}))
+    model = config.models[0]
+    assert config.http.port == 8000
+    assert model.simulated is not None and model.simulated.profile == "llama-8b-h100"
+    assert model.num_workers == 1
+
+
+@pytest.mark.parametrize(
+    ("change", "field", "message"),
+    [
+        ({"tensor_parallel_size": 0}, "models.0.tensor_parallel_size", "greater than 0"),
+        ({"engine": "tgi"}, "models.0.engine", "'vllm' or 'simulated'"),
+        ({"max_model_len": None}, "models.0.max_model_len", "valid integer"),
+        ({"typo_field": 1}, "models.0.typo_field", "Extra inputs are not permitted"),
+        ({"name": "bad name!"}, "models.0.name", "should match pattern"),
+        ({"simulated": {"profile": "nope"}}, "models.0.simulated.profile", "unknown profile"),
+        ({"engine_options": {"max_num_seqs": 4}}, "models.0", "engine: vllm only"),
+        ({"pipeline_parallel_size": 2}, "models.0", "GPU-only"),
+    ],
+)
+def test_bad_model_fields_are_named(
+    tmp_path: Path, change: dict[str, object], field: str, message: str
+) -> None:
+    model = {**SIMULATED_MODEL, **change}
+    with pytest.raises(ConfigError) as error:
+        load_config(write(tmp_path, {"models": [model]}))
+    text = str(error.value)
+    assert f"{field}:" in text, text
+    assert message in text, text
+
+
+def test_vllm_options_owned_by_fields_are_refused(tmp_path: Path) -> None:
+    model = {**SIMULATED_MODEL, "engine": "vllm", "engine_options": {"tensor_parallel_size": 2}}
+    with pytest.raises(ConfigError, match="set by the model's field `tensor_parallel_size`"):
+        load_config(write(tmp_path, {"models": [model]}))
+
+
+def test_duplicate_model_names(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="repeated: \\['m'\\]"):
+        load_config(write(tmp_path, {"models": [SIMULATED_MODEL, SIMULATED_MODEL]}))
+
+
+@pytest.mark.parametrize(
+    ("content", "message"),
+    [("- just\n- a list\n", "top level must be a mapping"), ("models: [\n", "not valid YAML")],
+)
+def test_unreadable_files(tmp_path: Path, content: str, message: str) -> None:
+    path = tmp_path / "c.yaml"
+    path.write_text(content)
+    with pytest.raises(ConfigError, match=message):
+        load_config(path)
+
+
+def test_cli_validate_exit_codes(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["config", "validate", str(CONFIGS / "simulated.yaml")]) == 0
+    bad = write(tmp_path, {"models": [{**SIMULATED_MODEL, "num_replicas": -1}]})
+    assert main(["config", "validate", str(bad)]) == 2
+    assert "models.0.num_replicas" in capsys.readouterr().err
+    assert main(["config", "validate", str(tmp_path / "missing.yaml")]) == 2
