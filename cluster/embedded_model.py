@@ -53,7 +53,31 @@ NUM_LAYERS = 2
 INTERMEDIATE_SIZE = 768
 MAX_POSITION_EMBEDDINGS = 4096
 
-_WORDS = ["the", "of", "and", "to", "in", "is", "it", "that", "for", "on", "with", "as", "was", "by", "at", "be", "this", "from", "have", "or", "not", "are", "an", "which", "they", "one", "you", "all", "were", "her", "his", "there", "been", "has", "when", "their", "who", "will", "more", "no", "if", "out", "so", "said", "what", "up", "its", "about", "than", "into", "them", "can", "only", "other", "new", "some", "could", "time", "these", "two", "may", "then", "do", "first", "any", "my", "now", "such", "like", "our", "over", "man", "me", "even", "most", "made", "after", "also", "did", "many", "before", "must", "through", "back", "years", "where", "much", "your", "way", "well", "down", "should", "because", "each", "just", "those", "people", "how", "too", "little", "state", "good", "very", "make", "world", "still", "own", "see", "men", "work", "long", "get", "here", "between", "both", "life", "being", "under", "never", "day", "same", "another", "know", "while", "last", "might", "us", "great", "old", "year", "off", "come", "since", "against", "go", "came", "right", "used", "take", "three", "states", "himself", "few", "house", "use", "during", "without", "again", "place", "american", "around", "however", "home", "small", "found", "thought", "went", "say", "part", "once", "general", "high", "upon", "school", "every", "does", "got", "united", "left", "number", "course", "war", "until", "always", "away", "something", "fact", "though", "water", "less", "public", "put", "think", "almost", "hand", "enough", "far", "took", "head", "yet", "government", "system", "better", "set", "told", "nothing", "night", "end", "why", "called", "eyes", "find", "going", "look", "asked", "later", "knew", "point", "next", "city", "business", "give", "group", "toward", "young", "days", "let", "room", "president", "side", "social", "given", "present", "several", "order", "national", "possible", "rather", "second", "face", "per", "among", "form", "important", "often", "things", "looked", "early", "white", "case", "john", "become", "large", "big", "need", "four", "within", "felt", "along", "children", "saw", "best", "church", "ever", "least", "power", "development", "light", "seemed", "family", "interest", "want", "members", "mind", "country", "area", "others", "done", "turned", "although", "open", "god", "service", "problem", "certain", "kind", "thing", "began", "different", "door", "thus", "help", "sense", "means", "whole", "matter", "perhaps", "itself", "york", "times", "law", "human", "line", "above", "name", "example", "action", "company", "hands", "local", "show", "five", "history", "whether", "gave", "either", "act", "feel", "today", "across", "quite", "taken", "anything", "seen", "having", "body", "past", "fire", "music", "model", "token", "cache", "block", "prefix", "router", "replica", "engine", "request", "stream", "batch", "queue", "latency", "throughput", "cluster", "node", "worker", "tensor", "pipeline", "parallel", "memory", "kernel", "attention", "layer", "vector", "matrix", "query", "key", "value", "hash", "score", "policy", "metric", "sample", "random", "seed"]
+# The corpus vocabulary: common English plus the words this project talks in.
+_WORD_TEXT = """
+the of and to in is it that for on with as was by at be this from have or not are an which they one
+you all were her his there been has when their who will more no if out so said what up its about
+than into them can only other new some could time these two may then do first any my now such like
+our over man me even most made after also did many before must through back years where much your
+way well down should because each just those people how too little state good very make world still
+own see men work long get here between both life being under never day same another know while last
+might us great old year off come since against go came right used take three states himself few
+house use during without again place american around however home small found thought went say part
+once general high upon school every does got united left number course war until always away
+something fact though water less public put think almost hand enough far took head yet government
+system better set told nothing night end why called eyes find going look asked later knew point
+next city business give group toward young days let room president side social given present
+several order national possible rather second face per among form important often things looked
+early white case john become large big need four within felt along children saw best church ever
+least power development light seemed family interest want members mind country area others done
+turned although open god service problem certain kind thing began different door thus help sense
+means whole matter perhaps itself york times law human line above name example action company hands
+local show five history whether gave either act feel today across quite taken anything seen having
+body past fire music model token cache block prefix router replica engine request stream batch
+queue latency throughput cluster node worker tensor pipeline parallel memory kernel attention layer
+vector matrix query key value hash score policy metric sample random seed user assistant system
+role content message hello answer question
+"""
 
 _PARAGRAPHS = (
     "A request arrives at the router, which tokenizes the prompt and hashes its blocks.",
@@ -116,11 +140,10 @@ def _build(folder: Path) -> None:
     tokenizer = _train_tokenizer()
     _save_tokenizer(tokenizer, folder)
     _save_model(tokenizer.get_vocab_size(), folder)
-    digests = {
-        path.name: hashlib.sha256(path.read_bytes()).hexdigest()
-        for path in sorted(folder.iterdir())
-        if path.is_file()
-    }
+    digests = {}
+    for path in sorted(folder.iterdir()):
+        path.chmod(0o644)  # safetensors writes owner-only files; the cache is shared
+        digests[path.name] = hashlib.sha256(path.read_bytes()).hexdigest()
     # Written last: its presence is what says the folder is complete.
     (folder / COMPLETE_MARKER).write_text(
         json.dumps({"recipe": RECIPE_VERSION, "sha256": digests}, indent=2) + "\n"
@@ -129,9 +152,10 @@ def _build(folder: Path) -> None:
 
 def _corpus() -> Iterator[str]:
     rng = random.Random(SEED)
+    vocabulary = _WORD_TEXT.split()
     yield from _PARAGRAPHS
     for _ in range(4000):
-        words = rng.choices(_WORDS, k=rng.randint(4, 16))
+        words = rng.choices(vocabulary, k=rng.randint(4, 16))
         if rng.random() < 0.3:
             words[0] = words[0].capitalize()
         if rng.random() < 0.2:

@@ -69,9 +69,7 @@ async def test_health(client: httpx.AsyncClient) -> None:
     assert response.json() == {"status": "ok", "models": [MODEL]}
 
 
-async def test_completion_usage_and_length(
-    client: httpx.AsyncClient, embedded_model: Path
-) -> None:
+async def test_completion_usage_and_length(client: httpx.AsyncClient, embedded_model: Path) -> None:
     prompt = "The quick brown fox jumps over the lazy dog"
     response = await client.post(
         "/v1/completions", json={"model": MODEL, "prompt": prompt, "max_tokens": 7}
@@ -208,9 +206,7 @@ async def test_context_length_names_both_numbers(client: httpx.AsyncClient) -> N
     assert str(MAX_MODEL_LEN) in message and f"max_tokens is {MAX_MODEL_LEN}" in message
 
 
-@pytest.mark.parametrize(
-    "content", [b"{not json", b"\xff\xfe", b"[1, 2]", b'"text"', b""]
-)
+@pytest.mark.parametrize("content", [b"{not json", b"\xff\xfe", b"[1, 2]", b'"text"', b""])
 async def test_unparseable_bodies(client: httpx.AsyncClient, content: bytes) -> None:
     response = await client.post(
         "/v1/chat/completions", content=content, headers={"content-type": "application/json"}

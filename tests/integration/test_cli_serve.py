@@ -1,0 +1,94 @@
+"""`inference-cluster serve` as a user runs it: ready banner, a working curl, clean Ctrl-C."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+import yaml
+
+from tests.integration.conftest import free_port
+
+pytestmark = pytest.mark.integration
+
+
+def processes_in_session(sid: int) -> list[str]:
+    """Live processes of a session: `serve` runs in its own, and Ray's processes inherit it."""
+    out = subprocess.run(["ps", "-eo", "sid=,stat=,args="], capture_output=True, text=True).stdout
+    rows = [line.split(None, 2) for line in out.splitlines()]
+    return [row[2] for row in rows if len(row) == 3 and int(row[0]) == sid and "Z" not in row[1]]
+
+
+def test_serve_answers_then_stops_cleanly_on_ctrl_c(tmp_path: Path, embedded_model: Path) -> None:
+    port = free_port()
+    config = tmp_path / "cluster.yaml"
+    config.write_text(
+        yaml.safe_dump(
+            {
+                "ray": {"num_cpus": 2, "include_dashboard": False},
+                "router": {"cpus": 0.1},
+                "models": [
+                    {
+                        "name": "sim",
+                        "engine": "simulated",
+                        "source": "embedded",
+                        "device": "cpu",
+                        "max_model_len": 2048,
+                        "num_replicas": 2,
+                        "cpus_per_worker": 0.1,
+                        "replica_cpus": 0.0,
+                    }
+                ],
+            }
+        )
+    )
+    process = subprocess.Popen(
+        [sys.executable, "-m", "cluster", "serve", "--config", str(config), "--port", str(port)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        start_new_session=True,
+    )
+    output: list[str] = []
+    try:
+        assert process.stdout is not None
+        deadline = time.monotonic() + 240
+        for line in process.stdout:
+            output.append(line)
+            if line.startswith("Ctrl-C stops the cluster"):  # the banner's last line
+                break
+            assert time.monotonic() < deadline, "".join(output)
+        assert any(line.startswith("ready in") for line in output), "".join(output)
+        curl = next(line.strip() for line in output if line.strip().startswith("curl "))
+        assert f"127.0.0.1:{port}/v1/chat/completions" in curl
+
+        response = httpx.post(
+            f"http://127.0.0.1:{port}/v1/chat/completions",
+            json={"model": "sim", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 4},
+            timeout=30,
+        )
+        assert response.status_code == 200, response.text
+        assert response.json()["usage"]["completion_tokens"] == 4
+        assert any("raylet" in p for p in processes_in_session(process.pid))
+
+        process.send_signal(signal.SIGINT)
+        process.wait(timeout=120)
+    finally:
+        if process.poll() is None:
+            os.killpg(process.pid, signal.SIGKILL)
+    assert process.returncode == 0, "".join(output) + (
+        process.stdout.read() if process.stdout else ""
+    )
+    deadline = time.monotonic() + 30
+    while processes_in_session(process.pid) and time.monotonic() < deadline:
+        time.sleep(1)
+    leftovers = processes_in_session(process.pid)
+    if leftovers:
+        os.killpg(process.pid, signal.SIGKILL)
+    assert leftovers == []
