@@ -49,7 +49,18 @@ def _parser() -> argparse.ArgumentParser:
     validate = config_commands.add_parser("validate", help="Exit 0 if FILE is valid, else 2.")
     validate.add_argument("file", type=Path)
     validate.set_defaults(run=_validate)
+    reference = config_commands.add_parser(
+        "reference", help="Print every config field (Markdown table, as in README.md)."
+    )
+    reference.set_defaults(run=_reference)
     return parser
+
+
+def _reference(args: argparse.Namespace) -> int:
+    from cluster.config_reference import render
+
+    print(render())
+    return 0
 
 
 def _validate(args: argparse.Namespace) -> int:

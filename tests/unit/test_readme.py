@@ -1,0 +1,21 @@
+"""README.md stays true to the code: its config reference is the generated one."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from cluster.config_reference import END, START, render
+
+README = Path(__file__).parents[2] / "README.md"
+
+
+def test_config_reference_is_current() -> None:
+    text = README.read_text()
+    current = text[text.index(START) + len(START) : text.index(END)].strip()
+    assert current == render(), "README.md is stale: paste `inference-cluster config reference`"
+
+
+def test_readme_test_command_is_what_ci_runs() -> None:
+    ci = (README.parent / ".ci" / "run").read_text()
+    assert "make test\n" in ci
+    assert "make test " in README.read_text()
