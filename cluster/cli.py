@@ -31,8 +31,11 @@ def _parser() -> argparse.ArgumentParser:
 
     serve = commands.add_parser("serve", help="Start (or join) Ray, deploy, serve until Ctrl-C.")
     serve.add_argument(
-        "--config", type=Path, default=None, help="Cluster YAML (default: the embedded tiny Llama "
-        "on 2 vLLM CPU replicas, cluster/configs/local.yaml)."
+        "--config",
+        type=Path,
+        default=None,
+        help="Cluster YAML (default: the embedded tiny Llama "
+        "on 2 vLLM CPU replicas, cluster/configs/local.yaml).",
     )
     serve.add_argument("--address", help="Ray address to join instead of starting a local Ray.")
     serve.add_argument("--host", help="Listen address (overrides http.host).")
@@ -162,8 +165,13 @@ def _status(args: argparse.Namespace) -> int:
         print(f"no `{runtime.APP_NAME}` application on this Ray cluster", file=sys.stderr)
         return EXIT_DEPLOY
     if args.json:
-        print(json.dumps([d.__dict__ | {"replicas": [r.__dict__ for r in d.replicas]}
-                          for d in deployments], indent=2, default=str))
+        print(
+            json.dumps(
+                [d.__dict__ | {"replicas": [r.__dict__ for r in d.replicas]} for d in deployments],
+                indent=2,
+                default=str,
+            )
+        )
         return 0
     for d in deployments:
         states = ", ".join(f"{n} {s.lower()}" for s, n in d.replica_states.items())

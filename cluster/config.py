@@ -23,12 +23,14 @@ class ConfigError(ValueError):
 
 class RayConfig(StrictModel):
     address: str | None = Field(
-        None, description="Ray cluster to join (e.g. `auto`, `ray://host:10001`); none starts "
-        "a local Ray for the lifetime of `serve`."
+        None,
+        description="Ray cluster to join (e.g. `auto`, `ray://host:10001`); none starts "
+        "a local Ray for the lifetime of `serve`.",
     )
     num_cpus: PositiveInt | None = Field(
-        None, description="Logical CPUs of a local Ray; default: the larger of the machine's "
-        "cores and what the config's replicas reserve (so a laptop can host the demo)."
+        None,
+        description="Logical CPUs of a local Ray; default: the larger of the machine's "
+        "cores and what the config's replicas reserve (so a laptop can host the demo).",
     )
     include_dashboard: bool = Field(True, description="Start the Ray dashboard (local Ray).")
     deploy_timeout_s: PositiveFloat = Field(

@@ -1,6 +1,6 @@
 """build_app: the Serve application of an AppConfig (for `serve run`, KubeRay and our CLI).
 
-    serve run deployments.app:build_app   (args: the AppConfig as a dict)
+serve run deployments.app:build_app   (args: the AppConfig as a dict)
 """
 
 from __future__ import annotations

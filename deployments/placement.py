@@ -49,9 +49,7 @@ class PlacementInfeasible(ValueError):
     """A model's replicas cannot be placed on this cluster as it is."""
 
 
-def check_fits(
-    models: Sequence[ModelConfig], nodes: Sequence[Mapping[str, float]]
-) -> None:
+def check_fits(models: Sequence[ModelConfig], nodes: Sequence[Mapping[str, float]]) -> None:
     """Raise PlacementInfeasible naming each model one replica of which no node (or, for PACK,
     the cluster) can host. `nodes` are the alive nodes' total resources, e.g. {"CPU": 8, "GPU": 4}.
 

@@ -45,9 +45,7 @@ class PerformanceProfile(BaseModel):
 
     @field_validator("decode_step_ms")
     @classmethod
-    def _sorted_points(
-        cls, points: tuple[tuple[int, float], ...]
-    ) -> tuple[tuple[int, float], ...]:
+    def _sorted_points(cls, points: tuple[tuple[int, float], ...]) -> tuple[tuple[int, float], ...]:
         if not points:
             raise ValueError("needs at least one (batch, ms) point")
         batches = [b for b, _ in points]
@@ -109,6 +107,4 @@ ZERO_LATENCY = PerformanceProfile(
     cached_prefix_ms_per_token=0.0,
 )
 
-BUILTIN_PROFILES: dict[str, PerformanceProfile] = {
-    p.name: p for p in (LLAMA_8B_H100, ZERO_LATENCY)
-}
+BUILTIN_PROFILES: dict[str, PerformanceProfile] = {p.name: p for p in (LLAMA_8B_H100, ZERO_LATENCY)}

@@ -23,9 +23,7 @@ def _root_digest(salt: str | None) -> bytes:
     return hashlib.blake2b(seed, digest_size=_HASH_BYTES).digest()
 
 
-def block_hashes(
-    token_ids: Sequence[int], block_size: int, salt: str | None = None
-) -> list[int]:
+def block_hashes(token_ids: Sequence[int], block_size: int, salt: str | None = None) -> list[int]:
     """Hashes of every full block of `token_ids`, in order; a trailing partial block is skipped."""
     if block_size <= 0:
         raise ValueError(f"block_size must be positive, got {block_size}")
