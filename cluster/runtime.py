@@ -37,6 +37,9 @@ def start_ray(config: ClusterConfig) -> None:
     # are cores, and they still run (they are mostly idle between requests).
     num_cpus = config.ray.num_cpus or max(os.cpu_count() or 1, int(config.reserved_cpus() + 1))
     ray.init(
+        # "local" always starts a new Ray: a bare ray.init() would silently join any cluster
+        # another program left running on this machine (`ray start` or ray.cluster_utils).
+        address="local",
         num_cpus=num_cpus,
         include_dashboard=config.ray.include_dashboard,
         dashboard_host="127.0.0.1",

@@ -33,7 +33,9 @@ def build_app(args: AppConfig | dict[str, Any]) -> Application:
                 # on top of the first worker's share).
                 ray_actor_options={
                     "num_cpus": model.replica_cpus,
-                    "runtime_env": {"env_vars": dict(model.engine_env)},
+                    # vLLM reports usage statistics unless told not to; a serving cluster
+                    # should not phone home by default (engine_env can turn it back on).
+                    "runtime_env": {"env_vars": {"VLLM_NO_USAGE_STATS": "1", **model.engine_env}},
                 },
                 placement_group_bundles=placement.bundles,
                 placement_group_strategy=placement.strategy,

@@ -114,7 +114,7 @@ def main() -> None:
         replica_cpus=0.0,
         simulated={"profile": ZERO_LATENCY.name},
     )
-    ray.init(num_cpus=2, include_dashboard=False, logging_level="ERROR")
+    ray.init(address="local", num_cpus=2, include_dashboard=False, logging_level="ERROR")
     try:
         runtime.deploy(
             AppConfig(router=RouterConfig(cpus=0.1), models=[model]),

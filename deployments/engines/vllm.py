@@ -14,7 +14,7 @@ import dataclasses
 import difflib
 import functools
 import os
-from collections.abc import AsyncIterator, Callable, Mapping
+from collections.abc import AsyncGenerator, AsyncIterator, Callable, Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -68,7 +68,7 @@ class VLLMEngine:
         # (VLLM_CPU_KVCACHE_SPACE, VLLM_CPU_OMP_THREADS_BIND, ...) from its environment.
         os.environ.update(self._model.engine_env)
         args = AsyncEngineArgs(**engine_kwargs(self._model))
-        # Building the engine blocks for the whole model load (about a minute on CPU); a thread
+        # Building the engine blocks for the whole model load (25-60 s on CPU here); a thread
         # keeps the event loop (and the replica's health and metrics calls) responsive.
         self._llm = await asyncio.to_thread(
             AsyncLLM.from_engine_args,
@@ -85,8 +85,14 @@ class VLLMEngine:
         prompt = TokensPrompt(prompt_token_ids=list(request.prompt_token_ids))
         if request.cache_salt is not None:
             prompt["cache_salt"] = request.cache_salt
-        stream = llm.generate(prompt, _vllm_sampling_params(request.sampling), request.request_id)
+        stream: AsyncGenerator[RequestOutput, None] | None = None
         try:
+            # vLLM 0.32 deprecates handing prompts to generate() unrendered; for token ids the
+            # renderer only checks the length against max_model_len and carries the salt along.
+            (engine_input,) = await llm.renderer.render_cmpl_async([prompt])
+            stream = llm.generate(
+                engine_input, _vllm_sampling_params(request.sampling), request.request_id
+            )
             async for output in stream:
                 for completion in output.outputs:
                     yield _engine_output(request, output, completion)
@@ -97,7 +103,8 @@ class VLLMEngine:
         finally:
             # When our consumer stops early (GeneratorExit) or is cancelled, vLLM's generator is
             # still open; closing it is what makes vLLM abort the request and free its blocks.
-            await stream.aclose()
+            if stream is not None:
+                await stream.aclose()
 
     async def abort(self, request_id: str) -> None:
         if self._llm is not None:
@@ -144,9 +151,9 @@ def engine_kwargs(model: ModelConfig) -> dict[str, Any]:
     if model.device == "cpu" and model.tensor_parallel_size > 1:
         # vLLM refuses its Ray executor on CPU; TP workers there are local processes.
         kwargs["distributed_executor_backend"] = "mp"
-    elif model.device == "gpu" and model.pipeline_parallel_size > 1:
-        # Stages may sit on other nodes: only the Ray executor (in the replica's placement
-        # group) reaches them.
+    elif model.device == "gpu":
+        # As in Ray Serve LLM: GPU workers are Ray actors in the replica's placement group (the
+        # replica actor itself holds no GPU), which also lets pipeline stages span nodes.
         kwargs["distributed_executor_backend"] = "ray"
     kwargs.update(_coerce_engine_options(model.engine_options))
     kwargs.update(
@@ -190,11 +197,10 @@ def _coerce_engine_options(options: Mapping[str, Any]) -> dict[str, Any]:
             # would build them; EngineArgs itself only converts some of them.
             coerced[key] = adapter.validate_python(value)
         except ValidationError as error:
-            problem = error.errors()[0]["msg"]
-            raise ValueError(
-                f"invalid vLLM engine option {key}={value!r}: {problem} "
-                f"(expected {fields[key].type})"
-            ) from None
+            problem = error.errors()[0]
+            # The location names the culprit inside nested configs (compilation_config.mode).
+            where = ".".join(map(str, (key, *problem["loc"])))
+            raise ValueError(f"invalid vLLM engine option {where}: {problem['msg']}") from None
     return coerced
 
 

@@ -19,7 +19,7 @@ DEPLOY_TIMEOUT_S = 600
 def deployed(config: ClusterConfig) -> Iterator[str]:
     """Deploy on a fresh local Ray; yields the base URL; tears Ray down after the module."""
     port = free_port()
-    ray.init(num_cpus=4, include_dashboard=False, logging_level="ERROR")
+    ray.init(address="local", num_cpus=4, include_dashboard=False, logging_level="ERROR")
     try:
         runtime.deploy(config.app_config(), host="127.0.0.1", port=port, timeout_s=DEPLOY_TIMEOUT_S)
         yield f"http://127.0.0.1:{port}"

@@ -49,7 +49,7 @@ def engine_counts() -> list[tuple[int, int]]:
 @pytest.fixture(scope="module")
 def simulated_app(embedded_model: Path) -> Iterator[str]:
     """Base URL of the app with 3 simulated replicas; asserts no request leaked at teardown."""
-    ray.init(num_cpus=4, logging_level="ERROR", include_dashboard=False)
+    ray.init(address="local", num_cpus=4, logging_level="ERROR", include_dashboard=False)
     port = free_port()
     config = AppConfig(router=RouterConfig(cpus=0.1), models=[simulated_model(embedded_model)])
     runtime.deploy(config, host="127.0.0.1", port=port, timeout_s=180)
