@@ -177,6 +177,25 @@ async def test_repeated_prompt_is_served_from_the_prefix_cache(engine: VLLMEngin
 
 
 @in_engine_loop
+async def test_engine_caches_exactly_the_prompt_tokens_it_was_given(engine: VLLMEngine) -> None:
+    # Two full blocks. vLLM recomputes at least the last prompt token, so only the first block can
+    # hit, unless something (a BOS) were prepended: then both would. The router hashes the very
+    # token ids it sends, so the engine must not add any.
+    prompt = _random_prompt(256, seed=10)
+    await _collect(engine, _request(prompt, max_tokens=1))
+
+    again = await _collect(engine, _request(prompt, max_tokens=1))
+
+    assert again[-1].num_cached_tokens == 128
+
+
+@in_engine_loop
+async def test_prompt_longer_than_max_model_len_is_a_value_error(engine: VLLMEngine) -> None:
+    with pytest.raises(ValueError, match="2049"):
+        await _collect(engine, _request(_random_prompt(2049, seed=11), max_tokens=1))
+
+
+@in_engine_loop
 async def test_cache_salt_isolates_prefixes(engine: VLLMEngine) -> None:
     prompt = _random_prompt(300, seed=6)
     salted = EngineRequest(
@@ -233,6 +252,8 @@ def test_validate_engine_options_checks_value_types() -> None:
         validate_engine_options({"max_num_seqs": "many"})
     with pytest.raises(ValueError, match="kv_cache_dtype"):
         validate_engine_options({"kv_cache_dtype": "int3"})
+    with pytest.raises(ValueError, match=r"compilation_config\.modee"):
+        validate_engine_options({"compilation_config": {"modee": 3}})
 
 
 def test_validate_engine_options_accepts_real_options() -> None:

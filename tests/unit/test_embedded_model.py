@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import hashlib
 import json
+import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -84,6 +86,30 @@ def test_failed_build_leaves_nothing_behind(
     with pytest.raises(RuntimeError, match="disk full"):
         ensure_embedded_model(tmp_path)
     assert [p.name for p in tmp_path.iterdir() if not p.name.endswith(".lock")] == []
+
+
+def test_concurrent_callers_build_once(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    builds: list[Path] = []
+
+    def slow_build(folder: Path) -> None:
+        builds.append(folder)
+        time.sleep(0.3)  # long enough for the other caller to reach the lock
+        (folder / embedded_model.COMPLETE_MARKER).write_text("{}")
+
+    monkeypatch.setattr(embedded_model, "_build", slow_build)
+    results: list[Path] = []
+    # flock conflicts between separate open()s even within one process, so threads exercise it.
+    callers = [
+        threading.Thread(target=lambda: results.append(ensure_embedded_model(tmp_path)))
+        for _ in range(3)
+    ]
+    for caller in callers:
+        caller.start()
+    for caller in callers:
+        caller.join()
+
+    assert len(builds) == 1
+    assert results == [tmp_path / MODEL_DIR_NAME] * 3
 
 
 def test_cache_dir_defaults_to_the_environment(
