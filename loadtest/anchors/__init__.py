@@ -1,0 +1,1 @@
+"""Other serving stacks to measure ours against, started on this machine."""

@@ -1,0 +1,123 @@
+"""Request metrics with vLLM `bench serve`'s definitions (vllm/benchmarks/serve.py,
+calculate_metrics, and the request functions in vllm/benchmarks/lib/endpoint_request_func.py).
+
+A request completed when it got HTTP 200 and at least one chunk carrying tokens, with no error;
+every other request failed (vLLM also fails a stream that never carried a token). For a completed
+request, with t0 its send time and t1..tn the arrival times of its token chunks:
+  TTFT = t1 - t0
+  E2E  = tn - t0 (the last token, not the trailing usage chunk)
+  ITL  = t2 - t1, ..., tn - tn-1 (per chunk: a chunk with several tokens is one gap)
+  TPOT = (E2E - TTFT) / (output_tokens - 1), only for requests with more than one output token
+Percentiles are numpy's (linear interpolation), as vLLM's. Throughputs divide by the run's
+duration. Goodput counts the completed requests that meet every SLO given (TTFT <= SLO and
+TPOT <= SLO, where a one-token request's TPOT is 0, as in vLLM) per second.
+"""
+
+from __future__ import annotations
+
+import itertools
+from collections import Counter
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+
+from loadtest.spec import RequestRecord
+
+PERCENTILES = (50, 90, 99)
+
+
+@dataclass(frozen=True, slots=True)
+class Latencies:
+    """One completed request's latencies in seconds."""
+
+    ttft_s: float
+    e2e_s: float
+    tpot_s: float | None  # None with one output token
+    itl_s: list[float]
+    output_tokens: int
+
+
+def completed(record: RequestRecord) -> bool:
+    return record.ok and bool(record.token_times_s)
+
+
+def latencies(record: RequestRecord) -> Latencies | None:
+    """The request's latencies, or None when it did not complete."""
+    if not completed(record):
+        return None
+    times = record.token_times_s
+    ttft = times[0] - record.start_s
+    e2e = times[-1] - record.start_s
+    # Without usage, vLLM counts the output's tokens; the chunks are the closest count here.
+    output_tokens = record.output_tokens or len(times)
+    tpot = (e2e - ttft) / (output_tokens - 1) if output_tokens > 1 else None
+    itl = [b - a for a, b in itertools.pairwise(times)]
+    return Latencies(ttft, e2e, tpot, itl, output_tokens)
+
+
+def error_key(record: RequestRecord) -> str:
+    """How a failed request is counted in `errors_by_status`: its HTTP status; "0" when no
+    response came (connection error, timeout before the headers); "200" when the stream started
+    but broke or carried no token."""
+    return str(record.status)
+
+
+def distribution(values_s: Sequence[float]) -> dict[str, float | None]:
+    """Mean and percentiles in milliseconds; None for each when there are no values."""
+    keys = ["mean", *(f"p{p}" for p in PERCENTILES)]
+    if not values_s:
+        return dict.fromkeys(keys)
+    ms = np.asarray(values_s, dtype=float) * 1000.0
+    stats = [float(np.mean(ms)), *(float(np.percentile(ms, p)) for p in PERCENTILES)]
+    return dict(zip(keys, stats, strict=True))
+
+
+def summarize(
+    records: list[RequestRecord],
+    duration_s: float,
+    slo_ttft_ms: float | None,
+    slo_tpot_ms: float | None,
+) -> dict:
+    """The run's summary (the `summary.json` contract); rates are None when duration_s <= 0."""
+    done = [(r, lat) for r in records if (lat := latencies(r)) is not None]
+    failed = [r for r in records if not completed(r)]
+    prompt_tokens = sum(r.prompt_tokens for r, _ in done)
+    output_tokens = sum(lat.output_tokens for _, lat in done)
+    cached_tokens = sum(r.cached_tokens for r, _ in done)
+
+    goodput_count: int | None = None
+    if slo_ttft_ms is not None or slo_tpot_ms is not None:
+        goodput_count = sum(
+            1
+            for _, lat in done
+            # In seconds, as vLLM compares, so that a value on the bound counts the same.
+            if (slo_ttft_ms is None or lat.ttft_s <= slo_ttft_ms / 1000.0)
+            and (slo_tpot_ms is None or (lat.tpot_s or 0.0) <= slo_tpot_ms / 1000.0)
+        )
+
+    def per_second(count: float | None) -> float | None:
+        return None if count is None or duration_s <= 0 else count / duration_s
+
+    errors = Counter(error_key(r) for r in failed)
+    return {
+        "num_requests": len(records),
+        "completed": len(done),
+        "failed": len(failed),
+        "errors_by_status": dict(sorted(errors.items())),
+        "duration_s": duration_s,
+        "request_throughput": per_second(len(done)),
+        "output_throughput": per_second(output_tokens),
+        "total_token_throughput": per_second(prompt_tokens + output_tokens),
+        "prompt_tokens": prompt_tokens,
+        "output_tokens": output_tokens,
+        "cached_prompt_tokens": cached_tokens,
+        "cached_prompt_token_ratio": cached_tokens / prompt_tokens if prompt_tokens else None,
+        "ttft_ms": distribution([lat.ttft_s for _, lat in done]),
+        "tpot_ms": distribution([lat.tpot_s for _, lat in done if lat.tpot_s is not None]),
+        "itl_ms": distribution([gap for _, lat in done for gap in lat.itl_s]),
+        "e2e_ms": distribution([lat.e2e_s for _, lat in done]),
+        "slo_ttft_ms": slo_ttft_ms,
+        "slo_tpot_ms": slo_tpot_ms,
+        "goodput": per_second(goodput_count),
+    }

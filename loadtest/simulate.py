@@ -1,0 +1,199 @@
+"""`loadtest simulate`: the cluster a config describes, simulated in virtual time.
+
+    loadtest simulate --config cluster/configs/simulated.yaml --workload shared-prefix --rate 20
+
+The same workloads and arrivals as `loadtest run` (same flags, same seed, same sessions and
+arrival times), sent to N replicas of the simulated engine's performance model behind the routing
+policy the router would use, with the router's measured per-request overhead added. Writes the same
+files as `run` (summary.json, requests.jsonl, report.md, plots) plus the simulate-only figures:
+cache_hit_rate, ideal_cache_hit_rate, load_imbalance and replicas over time. Exit 0 when at least
+one request completed, 1 when none did, 2 for bad arguments or a config it cannot simulate.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import random
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from cluster.config import EMBEDDED, ConfigError, load_config
+from cluster.embedded_model import ensure_embedded_model
+from deployments.config import ModelConfig
+from deployments.routing.policy import POLICIES, create_policy
+from deployments.tokenizer import PromptTokenizer
+from loadtest.arrivals import add_arrival_arguments, build_arrivals, schedule
+from loadtest.metrics import summarize
+from loadtest.report import summary_table, write_report
+from loadtest.simulator import FleetSpec, simulate
+from loadtest.workloads import add_workload_arguments, build_workload
+
+DEFAULT_POLICY = "pow2"
+# The router's own cost per request: `router - handle` at p50 from `python -m loadtest.overhead` on
+# the 2-core machine this project is developed on (HTTP through Serve's proxy and the Router
+# deployment, minus the same request through a deployment handle).
+DEFAULT_ROUTER_OVERHEAD_MS = 7.0
+
+
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{text!r}: expected an integer >= 1")
+    return value
+
+
+def _non_negative_float(text: str) -> float:
+    value = float(text)
+    if not 0 <= value < float("inf"):
+        raise argparse.ArgumentTypeError(f"{text!r}: expected a finite number >= 0")
+    return value
+
+
+def _positive_float(text: str) -> float:
+    value = float(text)
+    if not 0 < value < float("inf"):
+        raise argparse.ArgumentTypeError(f"{text!r}: expected a finite number > 0")
+    return value
+
+
+def register(subparsers: Any) -> None:
+    parser = subparsers.add_parser(
+        "simulate",
+        help="Simulate the cluster a config describes, in virtual time, and report.",
+        description=__doc__.split("\n\n")[0],
+    )
+    cluster = parser.add_argument_group("cluster")
+    cluster.add_argument(
+        "--config", type=Path, required=True, help="A cluster config YAML (ClusterConfig)."
+    )
+    cluster.add_argument(
+        "--model",
+        default=None,
+        help="The model to simulate (default: the config's first model with engine simulated).",
+    )
+    cluster.add_argument(
+        "--replicas",
+        type=_positive_int,
+        default=None,
+        help="Replicas to simulate (default: the model's num_replicas).",
+    )
+    cluster.add_argument(
+        "--policy",
+        choices=sorted(POLICIES),
+        default=DEFAULT_POLICY,
+        help=f"Routing policy (default {DEFAULT_POLICY}).",
+    )
+    cluster.add_argument(
+        "--router-overhead-ms",
+        type=_non_negative_float,
+        default=DEFAULT_ROUTER_OVERHEAD_MS,
+        help="Serving-path time per request, added before it reaches an engine (default "
+        f"{DEFAULT_ROUTER_OVERHEAD_MS:g}: the router's own, `router - handle` p50 of `python -m "
+        "loadtest.overhead` on a 2-core machine). Its `router - engine` p50 is the whole path "
+        "(proxy, router and the Serve handle hop): use it to match a real cluster.",
+    )
+    cluster.add_argument(
+        "--stats-period-s",
+        type=_positive_float,
+        default=1.0,
+        help="How often replicas report engine stats to the router (default 1).",
+    )
+    output = parser.add_argument_group("output")
+    output.add_argument(
+        "--out",
+        type=Path,
+        default=None,
+        help="Output folder (default: loadtest-runs/sim-<date-time>).",
+    )
+    output.add_argument(
+        "--slo-ttft-ms", type=float, default=None, help="TTFT objective of goodput (ms)."
+    )
+    output.add_argument(
+        "--slo-tpot-ms", type=float, default=None, help="TPOT objective of goodput (ms)."
+    )
+    add_workload_arguments(parser)  # also --seed: prompts, arrivals and the policy's draws
+    add_arrival_arguments(parser)
+    parser.set_defaults(handler=handle)
+
+
+def pick_model(models: list[ModelConfig], name: str | None) -> ModelConfig:
+    """The model to simulate; ValueError when there is none with a simulated engine."""
+    if name is not None:
+        model = next((m for m in models if m.name == name), None)
+        if model is None:
+            raise ValueError(f"no model {name!r} in the config; models: {[m.name for m in models]}")
+    else:
+        model = next((m for m in models if m.engine == "simulated"), None)
+        if model is None:
+            raise ValueError("the config has no model with engine: simulated (or pass --model)")
+    if model.simulated is None:
+        raise ValueError(
+            f"model {model.name!r} uses engine {model.engine}: only simulated engines have a "
+            "performance profile to simulate"
+        )
+    return model
+
+
+def _tokenizer(model: ModelConfig) -> PromptTokenizer | None:
+    """The model's tokenizer, as its router would load it; None when its folder is absent (then
+    prompts are drawn from the profile's vocabulary)."""
+    source = model.tokenizer_source
+    if source == EMBEDDED:
+        source = str(ensure_embedded_model())
+    return PromptTokenizer(source) if os.path.isdir(source) else None
+
+
+def handle(args: argparse.Namespace) -> int:
+    try:
+        model = pick_model(load_config(args.config).models, args.model)
+        assert model.simulated is not None  # pick_model refuses other engines
+        profile = model.simulated.resolved_profile()
+        plan = build_arrivals(args)
+        tokenizer = _tokenizer(model)
+        vocab_size = profile.vocab_size if tokenizer is None else tokenizer.vocab_size
+        sessions = build_workload(args, vocab_size, tokenizer)
+    except (ConfigError, ValueError, OSError) as exc:
+        print(f"loadtest simulate: error: {exc}", file=sys.stderr)
+        return 2
+    # The same arrival times as `loadtest run` draws for this seed.
+    times = schedule(plan, sessions, random.Random(f"arrivals-{args.seed}"))
+    scheduled = sessions if times is None else sessions[: len(times)]
+    replicas = args.replicas or model.num_replicas
+    fleet = FleetSpec(
+        profile=profile,
+        num_replicas=replicas,
+        engine_seed=model.simulated.seed,
+        vocab_size=vocab_size,
+        max_model_len=model.max_model_len,
+        max_ongoing_requests=model.max_ongoing_requests,
+        router_overhead_s=args.router_overhead_ms / 1000.0,
+        stats_period_s=args.stats_period_s,
+    )
+    policy = create_policy(args.policy, rng=random.Random(f"policy-{args.seed}"))
+
+    started = time.perf_counter()
+    result = simulate(fleet, policy, scheduled, times, max_concurrency=plan.max_concurrency)
+    wall_s = time.perf_counter() - started
+
+    num_requests = sum(len(s.turns) for s in scheduled)
+    summary = {
+        "target": f"simulated: {replicas} x {profile.name} replicas of {model.name}, policy "
+        f"{args.policy}, router overhead {args.router_overhead_ms:g} ms",
+        "workload": f"{args.workload}: {len(scheduled)} sessions, {num_requests} requests, "
+        f"seed {args.seed}",
+        "arrivals": plan.describe(),
+        **summarize(result.records, result.duration_s, args.slo_ttft_ms, args.slo_tpot_ms),
+        **result.figures(),
+        "policy": args.policy,
+        "router_overhead_ms": args.router_overhead_ms,
+        "wall_time_s": wall_s,
+    }
+    out = args.out or Path("loadtest-runs") / time.strftime("sim-%Y%m%d-%H%M%S")
+    write_report(out, summary, result.records, {"replicas": result.replicas_over_time})
+    print(summary_table(summary))
+    print(f"\nsimulated {result.duration_s:.1f} s of cluster time in {wall_s:.1f} s of wall time")
+    print(f"wrote {out}/ (summary.json, requests.jsonl, report.md, plots)")
+    return 0 if summary["completed"] else 1

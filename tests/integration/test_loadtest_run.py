@@ -1,0 +1,296 @@
+"""`loadtest run`: the HTTP client on a mock transport (stream parsing, history, failures), then the
+whole command against the app with simulated engines."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+
+from deployments.tokenizer import PromptTokenizer
+from loadtest import report
+from loadtest.arrivals import ArrivalPlan
+from loadtest.client import run_load
+from loadtest.metrics import summarize
+from loadtest.report import write_report
+from loadtest.spec import RequestRecord, Session, Turn
+from loadtest.workloads import encode_continuation
+
+Handler = Callable[[httpx.Request], Any]
+
+
+def sse(*events: dict[str, Any] | str) -> bytes:
+    return b"".join(
+        b"data: " + (e if isinstance(e, str) else json.dumps(e)).encode() + b"\n\n" for e in events
+    )
+
+
+def usage(prompt: int, completion: int, cached: int) -> dict[str, Any]:
+    return {
+        "choices": [],
+        "usage": {
+            "prompt_tokens": prompt,
+            "completion_tokens": completion,
+            "total_tokens": prompt + completion,
+            "prompt_tokens_details": {"cached_tokens": cached},
+        },
+    }
+
+
+def completion_stream(texts: list[str], prompt: int, cached: int = 0) -> bytes:
+    chunks = [{"choices": [{"index": 0, "text": t}]} for t in texts]
+    return sse(*chunks, usage(prompt, len(texts), cached), "[DONE]")
+
+
+def run(
+    handler: Handler,
+    sessions: list[Session],
+    plan: ArrivalPlan | None = None,
+    **options: Any,
+) -> list[RequestRecord]:
+    records, duration = asyncio.run(
+        run_load(
+            "http://test",
+            "sim",
+            sessions,
+            plan or ArrivalPlan("poisson"),
+            progress=False,
+            transport=httpx.MockTransport(handler),
+            **options,
+        )
+    )
+    assert duration > 0
+    return records
+
+
+def one_turn(i: int, ids: tuple[int, ...] = (5, 6, 7), max_tokens: int = 3) -> Session:
+    return Session(f"s{i}", (Turn(ids, max_tokens),))
+
+
+def test_completions_stream_is_token_exact_and_parsed() -> None:
+    bodies: list[dict[str, Any]] = []
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        assert request.url.path == "/v1/completions"
+        bodies.append(json.loads(request.content))
+        return httpx.Response(200, content=completion_stream(["a", "b", "c"], 3, cached=2))
+
+    (record,) = run(handler, [one_turn(0)])
+    assert bodies == [
+        {
+            "model": "sim",
+            "stream": True,
+            "stream_options": {"include_usage": True},
+            "ignore_eos": True,
+            "prompt": [5, 6, 7],
+            "max_tokens": 3,
+        }
+    ]
+    assert record.ok and record.status == 200
+    assert (record.prompt_tokens, record.output_tokens, record.cached_tokens) == (3, 3, 2)
+    assert len(record.token_times_s) == 3  # the usage chunk carries no token
+    assert record.start_s <= record.token_times_s[0] <= record.token_times_s[-1] <= record.end_s
+
+
+def test_chat_history_carries_the_answers(embedded_model: Path) -> None:
+    tokenizer = PromptTokenizer(str(embedded_model))
+    turn_ids = (tuple(tokenizer.encode_text("hello world")), tuple(tokenizer.encode_text("cache")))
+    session = Session("chat", tuple(Turn(ids, 2) for ids in turn_ids), think_time_s=0.01)
+    sent: list[list[dict[str, str]]] = []
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        assert request.url.path == "/v1/chat/completions"
+        sent.append(json.loads(request.content)["messages"])
+        role = {"choices": [{"index": 0, "delta": {"role": "assistant", "content": ""}}]}
+        tokens = [{"choices": [{"index": 0, "delta": {"content": t}}]} for t in ("x", "y")]
+        return httpx.Response(200, content=sse(role, *tokens, usage(9, 2, 0), "[DONE]"))
+
+    records = run(handler, [session], endpoint="chat", tokenizer=tokenizer)
+    assert [r.turn for r in records] == [0, 1]
+    assert all(r.ok and len(r.token_times_s) == 2 for r in records)  # the role chunk is no token
+    assert sent == [
+        [{"role": "user", "content": "hello world"}],
+        [
+            {"role": "user", "content": "hello world"},
+            {"role": "assistant", "content": "xy"},
+            {"role": "user", "content": "cache"},
+        ],
+    ]
+    assert records[1].start_s >= records[0].end_s + 0.01  # think time
+
+
+def test_completions_history_is_prompt_answer_then_new_turn(embedded_model: Path) -> None:
+    tokenizer = PromptTokenizer(str(embedded_model))
+    session = Session("conv", (Turn((10, 11), 2), Turn((12,), 2)))
+    prompts: list[list[int]] = []
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        prompts.append(json.loads(request.content)["prompt"])
+        return httpx.Response(200, content=completion_stream([" world", " cache"], 2))
+
+    run(handler, [session], tokenizer=tokenizer)
+    answer = encode_continuation(tokenizer, " world cache")
+    assert prompts == [[10, 11], [10, 11, *answer, 12]]
+
+
+def test_failures_become_records_and_the_run_goes_on() -> None:
+    def handler(request: httpx.Request) -> httpx.Response:
+        case = json.loads(request.content)["prompt"][0]
+        if case == 1:
+            error = {"error": {"message": "overloaded", "type": "server_error"}}
+            return httpx.Response(503, json=error)
+        if case == 2:
+            raise httpx.ConnectError("refused")
+        if case == 3:  # an error event after the first token
+            chunk = {"choices": [{"index": 0, "text": "a"}]}
+            return httpx.Response(200, content=sse(chunk, {"error": {"message": "engine died"}}))
+        if case == 4:  # cut off: no [DONE]
+            return httpx.Response(200, content=sse({"choices": [{"index": 0, "text": "a"}]}))
+        if case == 5:  # no token at all
+            return httpx.Response(200, content=sse(usage(1, 0, 0), "[DONE]"))
+        if case == 6:
+            return httpx.Response(200, content=b"data: {not json\n\n")
+        if case == 7:
+            return httpx.Response(200, content=sse({"choices": ["not an object"]}, "[DONE]"))
+        return httpx.Response(200, content=completion_stream(["a"], 1))
+
+    sessions = [one_turn(i, ids=(i,)) for i in range(8)]
+    records = {r.session_id: r for r in run(handler, sessions)}
+    assert records["s0"].ok
+    assert (records["s1"].status, records["s1"].error) == (503, "overloaded")
+    assert records["s2"].status == 0 and "refused" in (records["s2"].error or "")
+    assert (records["s3"].status, records["s3"].error) == (200, "engine died")
+    assert records["s4"].error == "the stream ended without [DONE]"
+    assert records["s5"].error == "the stream carried no token"
+    assert "JSONDecodeError" in (records["s6"].error or "")
+    assert (records["s7"].error or "").startswith("ValueError: malformed stream event")
+    assert not any(records[f"s{i}"].ok for i in range(1, 8))
+
+
+def test_a_failed_turn_ends_its_session(embedded_model: Path) -> None:
+    def handler(request: httpx.Request) -> httpx.Response:
+        return httpx.Response(500, json={"error": {"message": "boom"}})
+
+    session = Session("conv", (Turn((1,), 1), Turn((2,), 1)))
+    tokenizer = PromptTokenizer(str(embedded_model))
+    assert [r.turn for r in run(handler, [session], tokenizer=tokenizer)] == [0]
+
+
+def test_multi_turn_needs_a_tokenizer() -> None:
+    session = Session("conv", (Turn((1,), 1), Turn((2,), 1)))
+    with pytest.raises(ValueError, match="tokenizer"):
+        run(lambda request: httpx.Response(500), [session])
+
+
+def test_timeout_is_per_request() -> None:
+    async def handler(request: httpx.Request) -> httpx.Response:
+        await asyncio.sleep(5)
+        return httpx.Response(200, content=completion_stream(["a"], 1))
+
+    (record,) = run(handler, [one_turn(0)], timeout_s=0.2)
+    assert record.status == 0 and record.error == "timed out after 0.2 s"
+    assert record.end_s - record.start_s < 2
+
+
+@pytest.mark.parametrize(
+    "plan",
+    [ArrivalPlan("closed", max_concurrency=2), ArrivalPlan("poisson", max_concurrency=2)],
+)
+def test_concurrency_is_capped(plan: ArrivalPlan) -> None:
+    in_flight = 0
+    peak = 0
+
+    async def handler(request: httpx.Request) -> httpx.Response:
+        nonlocal in_flight, peak
+        in_flight += 1
+        peak = max(peak, in_flight)
+        await asyncio.sleep(0.02)
+        in_flight -= 1
+        return httpx.Response(200, content=completion_stream(["a", "b"], 3))
+
+    records = run(handler, [one_turn(i) for i in range(8)], plan)
+    assert len(records) == 8 and all(r.ok for r in records)
+    assert peak == 2
+
+
+def test_duration_cap_stops_new_requests() -> None:
+    def handler(request: httpx.Request) -> httpx.Response:
+        return httpx.Response(200, content=completion_stream(["a"], 1))
+
+    plan = ArrivalPlan("constant", rate=10.0)  # one every 0.1 s; the cap lets about 3 start
+    records = run(handler, [one_turn(i) for i in range(50)], plan, duration_s=0.25)
+    assert 1 <= len(records) <= 4
+
+
+def test_report_writes_json_plots_and_series(tmp_path: Path) -> None:
+    records = [
+        RequestRecord(0, "a", 0, 0.0, 0.0, 0.5, 200, 10, 3, 4, [0.1, 0.2, 0.4]),
+        RequestRecord(1, "b", 0, 0.2, 0.2, 0.3, 503, error="overloaded"),
+    ]
+    summary = {"command": "loadtest simulate", **summarize(records, 1.0, None, None)}
+    summary["rate"] = float("inf")  # JSON has no inf: it becomes null
+    write_report(tmp_path, summary, records, {"replicas": [(0.0, 1.0), (0.5, 3.0)]})
+    written = json.loads((tmp_path / "summary.json").read_text())
+    assert written["completed"] == 1 and written["rate"] is None
+    assert written["command"] == "loadtest simulate"
+    lines = (tmp_path / "requests.jsonl").read_text().splitlines()
+    assert [RequestRecord(**json.loads(line)) for line in lines] == records
+    names = ("latency_cdf", "ttft_over_time", "throughput_over_time", "replicas_over_time")
+    for name in names:
+        assert (tmp_path / f"{name}.png").stat().st_size > 1000
+        assert f"]({name}.png)" in (tmp_path / "report.md").read_text()
+
+
+def test_a_plot_failure_keeps_the_numbers(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    def broken(*args: object) -> list[str]:
+        raise RuntimeError("no backend")
+
+    monkeypatch.setattr(report, "_plot", broken)
+    records = [RequestRecord(0, "a", 0, 0.0, 0.0, 0.5, 200, 10, 1, 0, [0.1])]
+    write_report(tmp_path, summarize(records, 1.0, None, None), records)
+    assert json.loads((tmp_path / "summary.json").read_text())["completed"] == 1
+    assert (tmp_path / "requests.jsonl").read_text().count("\n") == 1
+    assert "Plots failed: `RuntimeError: no backend`" in (tmp_path / "report.md").read_text()
+
+
+@pytest.mark.integration
+def test_loadtest_run_against_the_simulated_app(simulated_app: str, tmp_path: Path) -> None:
+    from loadtest.cli import main
+
+    out = tmp_path / "run"
+    argv = [
+        "run",
+        "--base-url",
+        simulated_app,
+        "--workload=shared-prefix",
+        "--num-groups=4",
+        "--prompts-per-group=4",
+        "--system-prompt-len=256",
+        "--question-len=32",
+        "--output-len=16",
+        "--rate=8",
+        "--seed=1",
+        "--slo-ttft-ms=10000",
+        "--no-progress",
+        "--out",
+        str(out),
+    ]
+    assert main(argv) == 0
+    for name in ("summary.json", "requests.jsonl", "report.md", "latency_cdf.png"):
+        assert (out / name).is_file(), name
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["completed"] == 16 and summary["failed"] == 0, summary["errors_by_status"]
+    assert summary["output_tokens"] == 16 * 16  # ignore_eos: exactly the asked length
+    assert summary["prompt_tokens"] == 16 * (256 + 32)
+    assert summary["cached_prompt_token_ratio"] > 0
+    assert summary["ttft_ms"]["p50"] > 0 and summary["e2e_ms"]["p99"] > summary["ttft_ms"]["p99"]
+    assert summary["goodput"] == pytest.approx(summary["request_throughput"])
+    lines = (out / "requests.jsonl").read_text().splitlines()
+    records = [RequestRecord(**json.loads(line)) for line in lines]
+    assert len(records) == 16 and all(r.ok and r.token_times_s[0] > r.start_s for r in records)
+    assert "--rate 8.0" in (out / "report.md").read_text()

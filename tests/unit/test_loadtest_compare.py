@@ -1,0 +1,18 @@
+"""The comparison table: each figure per target and its ratio to the first target."""
+
+from __future__ import annotations
+
+from loadtest.compare import render_table
+
+
+def test_ratios_to_the_first_target() -> None:
+    base = {"completed": 10, "ttft_ms": {"p50": 100.0, "p90": 200.0}, "output_throughput": 50.0}
+    other = {"completed": 10, "ttft_ms": {"p50": 25.0, "p90": None}, "output_throughput": 100.0}
+    table = render_table(["ours", "anchor"], ["http://a", "http://b"], [base, other])
+    lines = table.splitlines()
+    assert lines[0] == "| figure | ours | anchor |"
+    assert "| TTFT p50 (ms) | 100 | 25 (0.25x) |" in lines
+    assert "| TTFT p90 (ms) | 200 | n/a |" in lines
+    assert "| output tokens/s | 50 | 100 (2.00x) |" in lines
+    # Figures no target has (simulator-only ones here) are left out, not shown as n/a.
+    assert not any(line.startswith("| engine cache hit rate") for line in lines)

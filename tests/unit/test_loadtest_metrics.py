@@ -1,0 +1,168 @@
+"""loadtest.metrics on hand-made timelines: vLLM bench serve's definitions, edge cases included."""
+
+from __future__ import annotations
+
+import pytest
+
+from loadtest.metrics import distribution, latencies, summarize
+from loadtest.spec import RequestRecord
+
+
+def record(
+    start: float,
+    token_times: list[float],
+    *,
+    status: int = 200,
+    output_tokens: int | None = None,
+    prompt_tokens: int = 100,
+    cached_tokens: int = 0,
+    error: str | None = None,
+    index: int = 0,
+) -> RequestRecord:
+    return RequestRecord(
+        index=index,
+        session_id=f"s{index}",
+        turn=0,
+        scheduled_s=start,
+        start_s=start,
+        end_s=(token_times[-1] if token_times else start) + 0.01,  # the usage chunk and [DONE]
+        status=status,
+        prompt_tokens=prompt_tokens,
+        output_tokens=len(token_times) if output_tokens is None else output_tokens,
+        cached_tokens=cached_tokens,
+        token_times_s=token_times,
+        error=error,
+    )
+
+
+# A: sent at 0, tokens at 0.1, 0.2, 0.4 -> TTFT 100, E2E 400, ITL 100 and 200, TPOT 300/2 = 150.
+# B: sent at 1.0, tokens at 1.3, 1.35 -> TTFT 300, E2E 350, ITL 50, TPOT 50/1 = 50.
+A = record(0.0, [0.1, 0.2, 0.4], prompt_tokens=100, cached_tokens=64, index=0)
+B = record(1.0, [1.3, 1.35], prompt_tokens=300, cached_tokens=0, index=1)
+
+
+def test_latencies_of_two_requests() -> None:
+    summary = summarize([A, B], duration_s=2.0, slo_ttft_ms=None, slo_tpot_ms=None)
+    assert summary["completed"] == 2 and summary["failed"] == 0
+    assert summary["errors_by_status"] == {}
+    ttft = summary["ttft_ms"]
+    assert ttft["mean"] == pytest.approx(200.0)
+    # numpy's linear interpolation between 100 and 300, as vLLM reports it
+    assert ttft["p50"] == pytest.approx(200.0)
+    assert ttft["p90"] == pytest.approx(280.0)
+    assert ttft["p99"] == pytest.approx(298.0)
+    assert summary["e2e_ms"]["mean"] == pytest.approx(375.0)  # last token, not end_s
+    assert summary["tpot_ms"]["mean"] == pytest.approx(100.0)  # (150 + 50) / 2
+    assert summary["itl_ms"]["mean"] == pytest.approx((100 + 200 + 50) / 3)
+    assert summary["itl_ms"]["p50"] == pytest.approx(100.0)
+
+
+def test_throughputs_and_cached_share() -> None:
+    summary = summarize([A, B], duration_s=2.0, slo_ttft_ms=None, slo_tpot_ms=None)
+    assert summary["request_throughput"] == pytest.approx(1.0)
+    assert summary["output_tokens"] == 5
+    assert summary["output_throughput"] == pytest.approx(2.5)
+    assert summary["prompt_tokens"] == 400
+    assert summary["total_token_throughput"] == pytest.approx(202.5)
+    assert summary["cached_prompt_token_ratio"] == pytest.approx(64 / 400)
+    assert summary["goodput"] is None  # no SLO given
+
+
+def test_tpot_uses_usage_tokens_when_chunks_bundle_tokens() -> None:
+    # 3 chunks carried 5 tokens: TPOT spreads the decode time over 4 tokens, ITL stays per chunk.
+    bundled = record(0.0, [0.1, 0.2, 0.5], output_tokens=5)
+    lat = latencies(bundled)
+    assert lat is not None
+    assert lat.tpot_s == pytest.approx(0.1)
+    assert lat.itl_s == pytest.approx([0.1, 0.3])
+    assert summarize([bundled], 1.0, None, None)["output_tokens"] == 5
+
+
+def test_one_token_requests_have_ttft_but_no_tpot_or_itl() -> None:
+    single = record(0.0, [0.25])
+    summary = summarize([single], duration_s=1.0, slo_ttft_ms=None, slo_tpot_ms=None)
+    assert summary["completed"] == 1
+    assert summary["ttft_ms"]["p50"] == pytest.approx(250.0)
+    assert summary["e2e_ms"]["p50"] == pytest.approx(250.0)
+    assert summary["tpot_ms"] == {"mean": None, "p50": None, "p90": None, "p99": None}
+    assert summary["itl_ms"]["mean"] is None
+
+
+def test_one_token_request_is_excluded_from_tpot_of_others() -> None:
+    summary = summarize([A, record(0.0, [0.25], index=2)], 1.0, None, None)
+    assert summary["tpot_ms"]["mean"] == pytest.approx(150.0)
+
+
+def test_stream_without_tokens_fails() -> None:
+    empty = record(0.0, [], error="the stream carried no token")
+    summary = summarize([A, empty], duration_s=1.0, slo_ttft_ms=None, slo_tpot_ms=None)
+    assert summary["completed"] == 1 and summary["failed"] == 1
+    assert summary["errors_by_status"] == {"200": 1}
+    # vLLM also fails a 200 that never carried a token, even without an error message
+    assert summarize([record(0.0, [])], 1.0, None, None)["failed"] == 1
+
+
+def test_errors_are_counted_by_status_and_left_out_of_latencies() -> None:
+    records = [
+        A,
+        record(0.0, [], status=503, error="overloaded", index=1),
+        record(0.0, [], status=503, error="overloaded", index=2),
+        record(0.0, [], status=0, error="ConnectError", index=3),
+        # broke mid-stream: tokens came, then an error event
+        record(0.0, [5.0, 6.0], error="engine died", cached_tokens=99, index=4),
+    ]
+    summary = summarize(records, duration_s=1.0, slo_ttft_ms=None, slo_tpot_ms=None)
+    assert summary["num_requests"] == 5
+    assert summary["completed"] == 1 and summary["failed"] == 4
+    assert summary["errors_by_status"] == {"0": 1, "200": 1, "503": 2}
+    assert summary["ttft_ms"]["p99"] == pytest.approx(100.0)
+    assert summary["output_tokens"] == 3
+    assert summary["cached_prompt_token_ratio"] == pytest.approx(64 / 100)
+
+
+def test_all_failed() -> None:
+    records = [record(0.0, [], status=500, error="boom", index=i) for i in range(3)]
+    summary = summarize(records, duration_s=2.0, slo_ttft_ms=100.0, slo_tpot_ms=None)
+    assert summary["completed"] == 0 and summary["failed"] == 3
+    assert summary["errors_by_status"] == {"500": 3}
+    assert summary["request_throughput"] == 0.0
+    assert summary["goodput"] == 0.0
+    assert summary["cached_prompt_token_ratio"] is None
+    for key in ("ttft_ms", "tpot_ms", "itl_ms", "e2e_ms"):
+        assert set(summary[key]) == {"mean", "p50", "p90", "p99"}
+        assert all(v is None for v in summary[key].values())
+
+
+def test_no_records_and_no_duration() -> None:
+    summary = summarize([], duration_s=0.0, slo_ttft_ms=None, slo_tpot_ms=None)
+    assert summary["completed"] == 0 and summary["failed"] == 0
+    assert summary["request_throughput"] is None and summary["output_throughput"] is None
+
+
+@pytest.mark.parametrize(
+    ("slo_ttft_ms", "slo_tpot_ms", "good"),
+    [
+        (250.0, None, 2),  # A (100) and the one-token C (200) meet it; B (300) does not
+        (100.0, None, 1),  # the bound is inclusive, as vLLM's: A (exactly 100) meets it
+        (None, 100.0, 2),  # B (50) and C (TPOT counts as 0) meet it; A (150) does not
+        (250.0, 100.0, 1),  # only C meets both
+        (50.0, 1000.0, 0),
+    ],
+)
+def test_goodput_counts_requests_meeting_every_slo(
+    slo_ttft_ms: float | None, slo_tpot_ms: float | None, good: int
+) -> None:
+    single = record(0.0, [0.2], index=2)
+    summary = summarize(
+        [A, B, single], duration_s=4.0, slo_ttft_ms=slo_ttft_ms, slo_tpot_ms=slo_tpot_ms
+    )
+    assert summary["goodput"] == pytest.approx(good / 4.0)
+
+
+def test_distribution_percentiles_on_many_values() -> None:
+    values = [i / 1000 for i in range(1, 101)]  # 1 .. 100 ms
+    stats = distribution(values)
+    assert stats["mean"] == pytest.approx(50.5)
+    assert stats["p50"] == pytest.approx(50.5)
+    assert stats["p90"] == pytest.approx(90.1)
+    assert stats["p99"] == pytest.approx(99.01)
