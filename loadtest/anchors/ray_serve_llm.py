@@ -236,7 +236,7 @@ def main(argv: list[str] | None = None) -> int:
         # port Ray picks at random.
         metrics_port = ray.nodes()[0]["MetricsExportPort"]
         print(
-            f"Ray Serve LLM ({args.router}, {args.replicas} replicas) ready in "
+            f"Ray Serve LLM (router {args.router}, replicas {args.replicas}) ready in "
             f"{time.monotonic() - started:.0f} s at {base_url}\n"
             f"  curl {base_url}/v1/completions -H 'Content-Type: application/json' -d '{body}'\n"
             f"  engine metrics: http://127.0.0.1:{metrics_port}/metrics (ray_vllm_*)\n"
