@@ -19,3 +19,12 @@ def test_readme_test_command_is_what_ci_runs() -> None:
     ci = (README.parent / ".ci" / "run").read_text()
     assert "make test\n" in ci
     assert "make test " in README.read_text()
+
+
+def test_loadtest_flags_are_current() -> None:
+    from loadtest.cli import reference
+
+    text = README.read_text()
+    start, end = "<!-- loadtest-reference:start -->", "<!-- loadtest-reference:end -->"
+    current = text[text.index(start) + len(start) : text.index(end)].strip()
+    assert current == reference(), "README.md is stale: regenerate with loadtest.cli.reference()"
