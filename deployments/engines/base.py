@@ -128,4 +128,8 @@ class Engine(Protocol):
 
     def stats(self) -> EngineStats: ...
 
+    def drain_kv_events(self) -> list[KVCacheEvent]:
+        """Prefix-cache events since the last drain, oldest first, keyed by the router's block
+        hashes (deployments/routing/hashing.py). Cheap and non-blocking: it only takes a buffer."""
+
     async def shutdown(self) -> None: ...

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import random
+import tempfile
 import time
 from collections.abc import AsyncIterator, Callable
 
@@ -17,8 +18,23 @@ import pytest_asyncio
 
 from cluster.embedded_model import ensure_embedded_model
 from deployments.config import ModelConfig
-from deployments.engines.base import Engine, EngineOutput, EngineRequest, SamplingParams
-from deployments.engines.vllm import VLLMEngine, validate_engine_options
+from deployments.engines.base import (
+    BlocksStored,
+    Engine,
+    EngineOutput,
+    EngineRequest,
+    KVCacheEvent,
+    SamplingParams,
+)
+from deployments.engines.vllm import (
+    KVEventBuffer,
+    KVEventsEndpoints,
+    KVEventSubscriber,
+    KVEventTranslator,
+    VLLMEngine,
+    validate_engine_options,
+)
+from deployments.routing.hashing import block_hashes
 
 pytestmark = pytest.mark.e2e
 # The async tests share the module-scoped engine, so they must share its event loop too.
@@ -240,6 +256,92 @@ async def test_abort_by_id_finishes_the_stream_with_abort(engine: VLLMEngine) ->
     assert len(_tokens(rest)) < 1500
     await _wait_until(lambda: engine.stats().num_running == 0)
     await engine.abort("no-such-request")  # unknown ids are ignored
+
+
+def _stored(events: list[KVCacheEvent]) -> set[int]:
+    return {h for event in events if isinstance(event, BlocksStored) for h in event.block_hashes}
+
+
+@in_engine_loop
+@pytest.mark.parametrize("cache_salt", [None, "tenant-kv"])
+async def test_kv_events_report_the_prompts_blocks_by_the_routers_hashes(
+    engine: VLLMEngine, cache_salt: str | None
+) -> None:
+    block_size = engine.stats().block_size
+    prompt = _random_prompt(3 * block_size + 20, seed=12 if cache_salt is None else 13)
+    expected = set(block_hashes(prompt, block_size, cache_salt))
+    assert len(expected) == 3
+    request = _request(prompt, max_tokens=2).model_copy(update={"cache_salt": cache_salt})
+
+    await _collect(engine, request)
+
+    # vLLM publishes a step's events after the step; they reach the buffer through a thread.
+    stored: set[int] = set()
+
+    def reported() -> bool:
+        stored.update(_stored(engine.drain_kv_events()))
+        return expected <= stored
+
+    await _wait_until(reported, timeout_s=5.0)
+    # Everything the engine published in this module so far was translatable, and none was lost.
+    losses = engine.kv_event_losses()
+    assert (losses.untranslated_blocks, losses.missed_batches, losses.dropped_events) == (0, 0, 0)
+
+
+async def test_kv_event_subscriber_replays_batches_it_missed() -> None:
+    # vLLM's real publisher and event classes: a batch published before the subscriber connected
+    # is fetched from the replay socket once the next batch reveals the gap.
+    from vllm.distributed.kv_events import BlockStored, KVEventBatch, ZmqEventPublisher
+
+    block_size = 16
+    prompt = _random_prompt(2 * block_size, seed=14)
+
+    def stored(vllm_hash: int, parent: int | None, block: int) -> KVEventBatch:
+        tokens = prompt[block * block_size : (block + 1) * block_size]
+        event = BlockStored(
+            block_hashes=[vllm_hash],
+            parent_block_hash=parent,
+            token_ids=tokens,
+            block_size=block_size,
+            lora_id=None,
+            medium="GPU",
+            lora_name=None,
+            group_idx=0,
+        )
+        return KVEventBatch(ts=time.time(), events=[event])
+
+    with tempfile.TemporaryDirectory() as directory:
+        endpoints = KVEventsEndpoints.in_directory(directory)
+        publisher = ZmqEventPublisher(
+            0, endpoint=endpoints.publish, replay_endpoint=endpoints.replay, topic=endpoints.topic
+        )
+        buffer = KVEventBuffer(max_events=10)
+        subscriber: KVEventSubscriber | None = None
+        try:
+            publisher.publish(stored(111, None, 0))  # nobody is subscribed yet: lost
+            subscriber = KVEventSubscriber(
+                endpoints, KVEventTranslator(block_size=block_size, max_hashes=10), buffer
+            )
+            await asyncio.sleep(0.5)  # let the subscription reach the publisher
+            publisher.publish(stored(222, 111, 1))
+
+            events: list[KVCacheEvent] = []
+
+            def received_both() -> bool:
+                events.extend(buffer.drain())
+                return len(events) >= 2
+
+            await _wait_until(received_both, timeout_s=5.0)
+        finally:
+            if subscriber is not None:
+                await asyncio.to_thread(subscriber.close)
+            publisher.shutdown()
+
+    assert events == [
+        BlocksStored(block_hashes=(ours,)) for ours in block_hashes(prompt, block_size)
+    ]
+    assert subscriber.missed_batches == 0
+    assert subscriber.translator.untranslated_blocks == 0
 
 
 def test_validate_engine_options_names_the_close_match_of_a_typo() -> None:
