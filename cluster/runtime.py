@@ -158,7 +158,7 @@ def _replica_stats(actor_name: str, timeout_s: float) -> ReplicaStatus:
     try:
         actor = ray.get_actor(actor_name, namespace="serve")
         # The replica actor's own routing-stats call runs our LLMServer.record_routing_stats.
-        stats = ray.get(actor.record_routing_stats.remote(), timeout=timeout_s)
-        return ReplicaStatus(actor_name, stats or None)
+        routing_stats = ray.get(actor.record_routing_stats.remote(), timeout=timeout_s)
+        return ReplicaStatus(actor_name, routing_stats.get("stats"))
     except Exception as exc:  # a replica starting or dying is a status, not a crash
         return ReplicaStatus(actor_name, None, f"{type(exc).__name__}: {exc}"[:200])

@@ -9,11 +9,13 @@ from typing import Any
 
 from ray import serve
 from ray.serve import Application
+from ray.serve.config import RequestRouterConfig
 
 from deployments.config import AppConfig, deployment_name
 from deployments.llm_server import LLMServer
 from deployments.placement import replica_placement
 from deployments.router import Router
+from deployments.routing.serve_router import PolicyRequestRouter
 
 ROUTER_DEPLOYMENT = "Router"
 
@@ -40,6 +42,15 @@ def build_app(args: AppConfig | dict[str, Any]) -> Application:
                 placement_group_bundles=placement.bundles,
                 placement_group_strategy=placement.strategy,
                 # Engine start takes a minute on CPU; health checks wait for it.
+                request_router_config=RequestRouterConfig(
+                    request_router_class=PolicyRequestRouter,
+                    request_router_kwargs={
+                        "policy": model.routing.policy,
+                        "seed": model.routing.seed,
+                        **model.routing.params,
+                    },
+                    request_routing_stats_period_s=model.routing.stats_period_s,
+                ),
                 health_check_period_s=10,
                 health_check_timeout_s=30,
                 graceful_shutdown_timeout_s=30,

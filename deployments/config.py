@@ -69,6 +69,39 @@ class SimulatedEngineConfig(StrictModel):
         return BUILTIN_PROFILES[self.profile] if isinstance(self.profile, str) else self.profile
 
 
+class RoutingConfig(StrictModel):
+    """How the router picks a replica of this model (deployments/routing)."""
+
+    policy: str = Field(
+        "pow2",
+        description="Routing policy by name: round_robin, pow2 (Ray Serve's default), "
+        "prefix_affinity (Ray Serve LLM's PrefixCacheAffinityRouter), cache_load (ours).",
+    )
+    params: dict[str, Any] = Field(
+        default_factory=dict, description="Parameters of the policy (see its params model)."
+    )
+    seed: int | None = Field(None, description="Seed of the policy's random tie-breaks.")
+    stats_period_s: PositiveFloat = Field(
+        1.0,
+        description="How often Serve polls each replica's stats and KV events for the routers: "
+        "the staleness bound of the routers' view.",
+    )
+    kv_event_window: PositiveInt = Field(
+        2048,
+        description="KV cache events each replica keeps for the routers to read; a router that "
+        "misses more than this between two polls drops its view of that replica.",
+    )
+
+    @field_validator("policy")
+    @classmethod
+    def _known_policy(cls, name: str) -> str:
+        from deployments.routing.policy import POLICIES
+
+        if name not in POLICIES:
+            raise ValueError(f"unknown routing policy {name!r}; known: {sorted(POLICIES)}")
+        return name
+
+
 class ModelConfig(StrictModel):
     """One served model: its own LLMServer deployment with `num_replicas` engines."""
 
@@ -119,6 +152,9 @@ class ModelConfig(StrictModel):
     )
     simulated: SimulatedEngineConfig | None = Field(
         None, description="Simulated engine settings; defaults apply when engine is simulated."
+    )
+    routing: RoutingConfig = Field(
+        default_factory=RoutingConfig, description="How requests are spread over the replicas."
     )
 
     @field_validator("engine_options")

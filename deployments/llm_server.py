@@ -9,12 +9,14 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import uuid
 from collections.abc import AsyncIterator
 from typing import Any
 
 from deployments.config import ModelConfig
 from deployments.engines.base import EngineOutput, EngineRequest, EngineStats
 from deployments.engines.factory import create_engine
+from deployments.routing.kv_log import KVEventLog
 
 logger = logging.getLogger("ray.serve")
 
@@ -25,6 +27,10 @@ class LLMServer:
     async def __init__(self, model: ModelConfig) -> None:
         self._model = model
         self._engine = create_engine(model)
+        self._stats_version = 0
+        self._kv_log = KVEventLog(
+            incarnation=uuid.uuid4().hex, max_events=model.routing.kv_event_window
+        )
         await self._engine.start()
         logger.info("engine %s ready for model %s", model.engine, model.name)
 
@@ -76,7 +82,17 @@ class LLMServer:
         return self._engine.stats()
 
     def record_routing_stats(self) -> dict[str, Any]:
-        return self._engine.stats().model_dump()
+        """Engine stats and the newest window of KV cache events, for every router replica
+        (Serve's controller polls this and broadcasts it; see deployments/routing/kv_log.py)."""
+        self._kv_log.extend(self._engine.drain_kv_events())
+        self._stats_version += 1
+        return {
+            # Serve re-sends every replica's last stats whenever any replica changes; the version
+            # lets routers tell a fresh snapshot from a replay of one they already applied.
+            "version": self._stats_version,
+            "stats": self._engine.stats().model_dump(),
+            "kv_events": self._kv_log.window(),
+        }
 
     def record_autoscaling_stats(self) -> dict[str, float]:
         stats = self._engine.stats()

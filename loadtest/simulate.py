@@ -6,8 +6,9 @@ The same workloads and arrivals as `loadtest run` (same flags, same seed, same s
 arrival times), sent to N replicas of the simulated engine's performance model behind the routing
 policy the router would use, with the router's measured per-request overhead added. Writes the same
 files as `run` (summary.json, requests.jsonl, report.md, plots) plus the simulate-only figures:
-cache_hit_rate, ideal_cache_hit_rate, load_imbalance and replicas over time. Exit 0 when at least
-one request completed, 1 when none did, 2 for bad arguments or a config it cannot simulate.
+cache_hit_rate, ideal_cache_hit_rate, load_imbalance, queue_imbalance, requests in flight per
+replica and replicas over time. Exit 0 when at least one request completed, 1 when none did, 2 for
+bad arguments or a config it cannot simulate.
 """
 
 from __future__ import annotations
@@ -28,10 +29,10 @@ from deployments.tokenizer import PromptTokenizer
 from loadtest.arrivals import add_arrival_arguments, build_arrivals, schedule
 from loadtest.metrics import summarize
 from loadtest.report import summary_table, write_report
-from loadtest.simulator import FleetSpec, simulate
+from loadtest.simulator import FleetSpec, SimulationResult, simulate
 from loadtest.workloads import add_workload_arguments, build_workload
 
-DEFAULT_POLICY = "pow2"
+DEFAULT_POLICY = "cache_load"
 # The router's own cost per request: `router - handle` at p50 from `python -m loadtest.overhead` on
 # the 2-core machine this project is developed on (HTTP through Serve's proxy and the Router
 # deployment, minus the same request through a deployment handle).
@@ -99,7 +100,15 @@ def register(subparsers: Any) -> None:
         "--stats-period-s",
         type=_positive_float,
         default=1.0,
-        help="How often replicas report engine stats to the router (default 1).",
+        help="How often replicas report engine stats and KV cache events to the router (default "
+        "1): the staleness of the router's view of engine truth.",
+    )
+    cluster.add_argument(
+        "--num-kv-blocks",
+        type=_positive_int,
+        default=None,
+        help="KV cache blocks per replica, overriding the profile's (e.g. to make the shared "
+        "prefixes outgrow one replica's cache).",
     )
     output = parser.add_argument_group("output")
     output.add_argument(
@@ -146,18 +155,18 @@ def _tokenizer(model: ModelConfig) -> PromptTokenizer | None:
     return PromptTokenizer(source) if os.path.isdir(source) else None
 
 
-def handle(args: argparse.Namespace) -> int:
-    try:
-        model = pick_model(load_config(args.config).models, args.model)
-        assert model.simulated is not None  # pick_model refuses other engines
-        profile = model.simulated.resolved_profile()
-        plan = build_arrivals(args)
-        tokenizer = _tokenizer(model)
-        vocab_size = profile.vocab_size if tokenizer is None else tokenizer.vocab_size
-        sessions = build_workload(args, vocab_size, tokenizer)
-    except (ConfigError, ValueError, OSError) as exc:
-        print(f"loadtest simulate: error: {exc}", file=sys.stderr)
-        return 2
+def run_simulation(args: argparse.Namespace) -> tuple[dict[str, Any], SimulationResult]:
+    """The summary (summary.json's contents) and the result of the simulation `args` describe;
+    ConfigError, ValueError or OSError when the config or the workload is unusable."""
+    model = pick_model(load_config(args.config).models, args.model)
+    assert model.simulated is not None  # pick_model refuses other engines
+    profile = model.simulated.resolved_profile()
+    if args.num_kv_blocks is not None:
+        profile = profile.model_copy(update={"num_kv_blocks": args.num_kv_blocks})
+    plan = build_arrivals(args)
+    tokenizer = _tokenizer(model)
+    vocab_size = profile.vocab_size if tokenizer is None else tokenizer.vocab_size
+    sessions = build_workload(args, vocab_size, tokenizer)
     # The same arrival times as `loadtest run` draws for this seed.
     times = schedule(plan, sessions, random.Random(f"arrivals-{args.seed}"))
     scheduled = sessions if times is None else sessions[: len(times)]
@@ -180,8 +189,9 @@ def handle(args: argparse.Namespace) -> int:
 
     num_requests = sum(len(s.turns) for s in scheduled)
     summary = {
-        "target": f"simulated: {replicas} x {profile.name} replicas of {model.name}, policy "
-        f"{args.policy}, router overhead {args.router_overhead_ms:g} ms",
+        "target": f"simulated: {replicas} x {profile.name} replicas ({profile.num_kv_blocks} KV "
+        f"blocks each) of {model.name}, policy {args.policy}, router overhead "
+        f"{args.router_overhead_ms:g} ms",
         "workload": f"{args.workload}: {len(scheduled)} sessions, {num_requests} requests, "
         f"seed {args.seed}",
         "arrivals": plan.describe(),
@@ -191,9 +201,25 @@ def handle(args: argparse.Namespace) -> int:
         "router_overhead_ms": args.router_overhead_ms,
         "wall_time_s": wall_s,
     }
+    return summary, result
+
+
+def handle(args: argparse.Namespace) -> int:
+    try:
+        summary, result = run_simulation(args)
+    except (ConfigError, ValueError, OSError) as exc:
+        print(f"loadtest simulate: error: {exc}", file=sys.stderr)
+        return 2
     out = args.out or Path("loadtest-runs") / time.strftime("sim-%Y%m%d-%H%M%S")
     write_report(out, summary, result.records, {"replicas": result.replicas_over_time})
     print(summary_table(summary))
-    print(f"\nsimulated {result.duration_s:.1f} s of cluster time in {wall_s:.1f} s of wall time")
+    print(
+        f"\nqueue imbalance {result.queue_imbalance:.3f} (the busiest replica's mean requests in "
+        "flight over the fleet mean)"
+    )
+    print(
+        f"\nsimulated {result.duration_s:.1f} s of cluster time in "
+        f"{summary['wall_time_s']:.1f} s of wall time"
+    )
     print(f"wrote {out}/ (summary.json, requests.jsonl, report.md, plots)")
     return 0 if summary["completed"] else 1

@@ -5,6 +5,7 @@ given), so lengths and shared prefixes are exact and the completions endpoint ca
 Every draw comes from one `random.Random(seed)`: the same flags give the same workload.
 
   shared-prefix      SGLang's generated-shared-prefix: groups of prompts that share a system prompt
+                     (--hot-share: one group takes that share of the prompts, a hot prefix)
   multi-turn         users x turns; each turn carries the whole conversation so far
   prefix-repetition  vLLM's: a few random prefixes, each followed by random suffixes
   random             input and output lengths uniform in ranges
@@ -56,6 +57,13 @@ def _positive_int(text: str) -> int:
     value = int(text)
     if value < 1:
         raise argparse.ArgumentTypeError(f"{text!r}: expected an integer >= 1")
+    return value
+
+
+def _share(text: str) -> float:
+    value = float(text)
+    if not 0 <= value <= 1:
+        raise argparse.ArgumentTypeError(f"{text!r}: expected a fraction in [0, 1]")
     return value
 
 
@@ -151,6 +159,15 @@ def add_workload_arguments(parser: argparse.ArgumentParser) -> None:
         metavar="N|MIN:MAX",
         help="Tokens of each prompt's own question after the system prompt (default 128).",
     )
+    shared.add_argument(
+        "--hot-share",
+        type=_share,
+        default=None,
+        metavar="FRACTION",
+        help="Make group 0's system prompt hot: this share of the num-groups x prompts-per-group "
+        "prompts use it, and the other groups split the rest evenly (default: every group has "
+        "prompts-per-group).",
+    )
     multi = parser.add_argument_group("multi-turn workload")
     multi.add_argument(
         "--num-users", type=_positive_int, default=16, help="Conversations (default 16)."
@@ -212,12 +229,23 @@ def _output_len(args: argparse.Namespace, default: int) -> LengthRange:
     return args.output_len or LengthRange(default, default)
 
 
+def _group_sizes(num_groups: int, per_group: int, hot_share: float | None) -> list[int]:
+    """Prompts per group: equal, or group 0 taking `hot_share` of them all."""
+    if hot_share is None or num_groups == 1:
+        return [per_group] * num_groups
+    total = num_groups * per_group
+    hot = round(hot_share * total)
+    cold, extra = divmod(total - hot, num_groups - 1)
+    return [hot] + [cold + (1 if i < extra else 0) for i in range(num_groups - 1)]
+
+
 def _shared_prefix(args: argparse.Namespace, tokens: TokenSource) -> list[Session]:
     output_len = _output_len(args, 256)
     sessions = []
-    for group in range(args.num_groups):
+    sizes = _group_sizes(args.num_groups, args.prompts_per_group, args.hot_share)
+    for group, size in enumerate(sizes):
         system = tokens.draw(args.system_prompt_len)
-        for prompt in range(args.prompts_per_group):
+        for prompt in range(size):
             question = tokens.draw(args.question_len.draw(tokens.rng))
             turn = Turn(system + question, output_len.draw(tokens.rng))
             sessions.append(Session(f"sp-{group}-{prompt}", (turn,), group=group))

@@ -1,18 +1,42 @@
 """Routing policies (see policy.py for the interface); registered by name in policy.POLICIES.
 
-The baselines here keep no per-replica state, so their hooks are no-ops; they import the
-interface types for annotations only, which lets policy.py import this module for its registry.
+- `round_robin`: each request one further along the replicas.
+- `pow2`: Ray Serve's default, the less loaded of two random replicas.
+- `prefix_affinity`: a faithful baseline of Ray Serve LLM's PrefixCacheAffinityRouter.
+- `cache_load`: ours; the replica where the request's first token is expected soonest.
+
+Each policy class has a `Params` model (every field defaulted, unknown keys refused) so a config
+can set and validate its parameters; `policy.create_policy(name, rng=..., **params)` builds one.
+The policies import the interface types for annotations only, which lets policy.py import this
+module for its registry.
 """
 
 from __future__ import annotations
 
+import math
 import random
+from collections import OrderedDict
 from collections.abc import Sequence
+from itertools import islice, repeat
 from typing import TYPE_CHECKING
 
+from pydantic import BaseModel, ConfigDict, Field
+
+from deployments.routing.prefix_index import PrefixIndex
+
 if TYPE_CHECKING:
-    from deployments.engines.base import EngineStats
+    from deployments.engines.base import EngineStats, KVCacheEvent
     from deployments.routing.policy import ReplicaView, RoutingRequest
+
+# Entries of a policy's prefix index by default: a fleet of 32 replicas of the 8B/H100 profile
+# caches ~27k blocks each (864k); a million entries take ~210 MB (python -m loadtest.bench_routing).
+DEFAULT_MAX_INDEX_BLOCKS = 1_000_000
+
+
+class PolicyParams(BaseModel):
+    """Parameters of a policy; the base has none."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
 
 
 class _StatelessHooks:
@@ -30,13 +54,18 @@ class _StatelessHooks:
     def on_replica_removed(self, replica_id: str) -> None:
         pass
 
+    def on_kv_events(self, replica_id: str, events: Sequence[KVCacheEvent]) -> None:
+        pass
+
 
 class RoundRobin(_StatelessHooks):
     """Each request starts one further along the candidates; the rest follow in cyclic order as
     fallbacks, so a full replica passes the request to the next one."""
 
-    def __init__(self, *, rng: random.Random) -> None:
-        del rng  # deterministic by construction; the keyword keeps every factory's signature
+    Params = PolicyParams
+
+    def __init__(self, params: PolicyParams | None = None, *, rng: random.Random) -> None:
+        del params, rng  # nothing to tune; deterministic by construction
         self._next = 0
 
     async def rank(
@@ -50,12 +79,341 @@ class RoundRobin(_StatelessHooks):
         return [[replicas[(start + i) % n].replica_id] for i in range(n)]
 
 
+def _pow2(rng: random.Random, replicas: Sequence[ReplicaView]) -> list[list[str]]:
+    """Two replicas drawn at random, the one with fewer requests in flight first (ties at random:
+    the draw order is random), then the others shuffled."""
+    n = len(replicas)
+    if n <= 1:
+        return [[view.replica_id] for view in replicas]
+    i, j = rng.sample(range(n), 2)
+    a, b = replicas[i], replicas[j]
+    if b.in_flight < a.in_flight:
+        a, b = b, a
+    groups = [[a.replica_id], [b.replica_id]]
+    if n > 2:
+        rest = [view.replica_id for k, view in enumerate(replicas) if k != i and k != j]
+        rng.shuffle(rest)
+        groups.append(rest)
+    return groups
+
+
 class PowerOfTwoChoices(_StatelessHooks):
     """Ray Serve's default: two replicas drawn at random, the one with fewer requests in flight
     at this router first (ties at random); the other replicas, shuffled, are the last resort."""
 
-    def __init__(self, *, rng: random.Random) -> None:
+    Params = PolicyParams
+
+    def __init__(self, params: PolicyParams | None = None, *, rng: random.Random) -> None:
+        del params
         self._rng = rng
+
+    async def rank(
+        self, request: RoutingRequest, replicas: Sequence[ReplicaView]
+    ) -> list[list[str]]:
+        return _pow2(self._rng, replicas)
+
+
+class PrefixAffinityParams(PolicyParams):
+    """PrefixCacheAffinityRouter.initialize_state's defaults (Ray 2.60)."""
+
+    imbalanced_threshold: float = Field(
+        math.inf,
+        gt=0,
+        description="Load counts as imbalanced when the most and the least loaded candidates' "
+        "requests in flight differ by more than this; then pow2 decides. Ray's default (inf) "
+        "never looks at load.",
+    )
+    match_rate_threshold: float = Field(
+        0.1,
+        ge=0,
+        le=1,
+        description="Below this share of the prompt matched, the request goes to the replicas "
+        "the index credits with the fewest blocks (Ray's 'smallest tenants').",
+    )
+    max_index_blocks: int = Field(
+        DEFAULT_MAX_INDEX_BLOCKS,
+        ge=1,
+        description="Entries of the prefix index (LRU beyond). Ray's tree is unbounded by default "
+        "(do_eviction=False); the cap is never reached in the benchmarks.",
+    )
+
+
+class PrefixAffinity:
+    """A faithful baseline of Ray Serve LLM's PrefixCacheAffinityRouter with its defaults
+    (ray/llm/_internal/serve/routing_policies/prefix_aware/prefix_aware_router.py, Ray 2.60).
+
+    Ray's logic, per request:
+    1. pow2's choice is computed first and kept as the fallback;
+    2. if the candidates' queue lengths differ by more than `imbalanced_threshold` (default inf:
+       never), pow2 decides;
+    3. else the prompt is matched against a prefix tree of everything routed so far: with a match
+       rate (matched / prompt length) of at least `match_rate_threshold` (0.1) the replicas
+       holding the longest match are chosen, else the "smallest tenants" (the replicas the tree
+       credits with the least content); the caller takes the one with the fewest requests in
+       flight among them;
+    4. after routing, the whole prompt is inserted for the chosen replica. The tree never learns
+       what the engines evict (do_eviction=False by default; even with it on, eviction is by the
+       tree's own size, not engine truth).
+
+    Where ours differs, and why it is still faithful:
+    - Ray matches characters of the prompt text in a radix tree; this matches the prompt's token
+      blocks (engine block size) in a PrefixIndex fed only by routing, never by KV events. The
+      engine can reuse only whole blocks of an identical token prefix, so a block match is what a
+      character match approximates; with the match rate measured in tokens the 0.1 threshold keeps
+      its meaning (a tenth of the prompt). Tenant size is counted in blocks instead of characters.
+    - Ray's tree is unbounded by default; ours has an LRU cap (`max_index_blocks`) so memory
+      stays bounded. At the default cap it never evicts in the benchmarks.
+    - Ray returns only the chosen replicas and retries with backoff while they are all full; the
+      interface here wants every candidate ranked, so pow2's order follows as later groups and a
+      full prefix holder spills rather than waits (a stronger baseline, if anything).
+    - Ray's tree is one detached actor queried with blocking ray.get calls; ours is local.
+    """
+
+    Params = PrefixAffinityParams
+
+    def __init__(self, params: PrefixAffinityParams | None = None, *, rng: random.Random) -> None:
+        self._params = params or PrefixAffinityParams()
+        self._rng = rng
+        self._index = PrefixIndex(self._params.max_index_blocks)
+
+    async def rank(
+        self, request: RoutingRequest, replicas: Sequence[ReplicaView]
+    ) -> list[list[str]]:
+        fallback = _pow2(self._rng, replicas)
+        if len(replicas) <= 1:
+            return fallback
+        loads = [view.in_flight for view in replicas]
+        if max(loads) - min(loads) > self._params.imbalanced_threshold:
+            return fallback
+        chosen = self._prefix_choice(request, replicas)
+        rest = [
+            [replica_id for replica_id in group if replica_id not in chosen] for group in fallback
+        ]
+        return [list(chosen), *(group for group in rest if group)]
+
+    def _prefix_choice(
+        self, request: RoutingRequest, replicas: Sequence[ReplicaView]
+    ) -> dict[str, None]:
+        """The replicas Ray's _prefix_match_best_replicas picks, as an ordered set."""
+        index = self._index
+        matches = index.match(request.block_hashes)
+        longest = max((matches.get(view.replica_id, 0) for view in replicas), default=0)
+        matched_tokens = longest * (request.block_size or 0)
+        if matched_tokens < self._params.match_rate_threshold * request.num_prompt_tokens:
+            sizes = [index.blocks_held(view.replica_id) for view in replicas]
+            smallest = min(sizes)
+            return {
+                view.replica_id: None
+                for view, size in zip(replicas, sizes, strict=True)
+                if size == smallest
+            }
+        # With no match at all Ray's tree answers with every candidate (only possible when the
+        # threshold is 0).
+        return {
+            view.replica_id: None for view in replicas if matches.get(view.replica_id, 0) == longest
+        }
+
+    def on_routed(self, request: RoutingRequest, replica_id: str) -> None:
+        self._index.add(replica_id, request.block_hashes)
+
+    def on_finished(self, request_id: str, replica_id: str) -> None:
+        pass
+
+    def on_replica_stats(self, replica_id: str, stats: EngineStats) -> None:
+        pass
+
+    def on_replica_removed(self, replica_id: str) -> None:
+        self._index.remove_replica(replica_id)
+
+    def on_kv_events(self, replica_id: str, events: Sequence[KVCacheEvent]) -> None:
+        pass  # Ray's router never sees engine truth: that is the baseline
+
+
+class CacheLoadParams(PolicyParams):
+    """cache_load's knobs; all in prefill-token equivalents or ratios, so none needs calibrating
+    to a GPU (see CacheLoad)."""
+
+    decode_weight_tokens: float = Field(
+        4.0,
+        ge=0,
+        description="What one request in flight at a replica adds to a new request's wait, in "
+        "prefill tokens: the attention reads of one decoding sequence in each step the new "
+        "request waits for (8B/H100: ~2k context x 4.3e-5 ms = 0.1 ms vs 0.029 ms per prefill "
+        "token, ~3.4), rounded up for the step already under way.",
+    )
+    footprint_weight: float = Field(
+        0.01,
+        ge=0,
+        description="What each token a replica has cached (as the index credits it) adds to its "
+        "score: the demand its cache will attract. Small: 2048 cached tokens cost 20, so it steers "
+        "new prefixes to the replicas with the least cached, never a request away from its own "
+        "prefix (which saves thousands).",
+    )
+    spill_sigmas: float = Field(
+        3.0,
+        ge=0,
+        description="Hot-prefix guard: a replica with more requests in flight than the fleet "
+        "mean plus this many standard deviations is passed over. A balanced fleet's counts "
+        "scatter like Poisson arrivals (standard deviation sqrt(mean)), so only a real pile-up "
+        "trips it; and the bound tightens with load (mean 32: 1.5x, mean 128: 1.3x), where a "
+        "pile-up starts to cost throughput.",
+    )
+    spill_floor: int = Field(
+        16,
+        ge=0,
+        description="The guard leaves alone a replica with at most this many requests in flight: "
+        "far from a full batch (vLLM batches up to 256; an H100's 8B decode step barely grows "
+        "up to 64) a few more cost nothing, and a conversation's next turn stays with its cache.",
+    )
+    max_index_blocks: int = Field(
+        DEFAULT_MAX_INDEX_BLOCKS,
+        ge=1,
+        description="Entries (replica, block) of the prefix index; least recently used go first.",
+    )
+
+
+class _ReplicaLoad:
+    """The router's view of the prefill waiting at one replica (see CacheLoad), in tokens."""
+
+    __slots__ = ("foreign", "foreign_tokens", "free_blocks", "ours", "queued", "queued_tokens")
+
+    # This router's requests remembered per replica at most: a hook the caller never calls
+    # cannot grow it forever (vLLM's max_num_seqs is 256 by default, max_ongoing_requests too).
+    MAX_TRACKED = 4096
+
+    def __init__(self) -> None:
+        # This router's requests in flight there, in routing order: id -> (uncached tokens, KV
+        # blocks they take at admission).
+        self.ours: OrderedDict[str, tuple[int, int]] = OrderedDict()
+        # Those believed waiting for admission, oldest first: id -> uncached tokens.
+        self.queued: OrderedDict[str, int] = OrderedDict()
+        self.queued_tokens = 0
+        # Waiting requests the replica reported beyond all of ours (another router's), and their
+        # prefill priced at the mean of ours when reported.
+        self.foreign = 0
+        self.foreign_tokens = 0.0
+        # KV blocks free at the last report, less what the requests admitted since took.
+        self.free_blocks = math.inf
+
+    @property
+    def total(self) -> float:
+        return self.queued_tokens + self.foreign_tokens
+
+    def arrive(self, request_id: str, tokens: int, blocks: int) -> None:
+        """A request is at the replica: admitted at its next step if nothing waits ahead and its
+        blocks fit, else it queues (vLLM's FCFS admission)."""
+        if not self.queued and not self.foreign and self.free_blocks >= blocks:
+            self.free_blocks -= blocks
+        else:
+            self.queued[request_id] = tokens
+            self.queued_tokens += tokens
+
+    def routed(self, request_id: str, tokens: int, blocks: int) -> None:
+        self.finished(request_id)  # routed again (a retry): count it once
+        self.ours[request_id] = (tokens, blocks)
+        if len(self.ours) > self.MAX_TRACKED:
+            self.finished(next(iter(self.ours)))
+        self.arrive(request_id, tokens, blocks)
+
+    def finished(self, request_id: str) -> None:
+        self.ours.pop(request_id, None)
+        tokens = self.queued.pop(request_id, None)
+        if tokens is not None:
+            self.queued_tokens -= tokens
+
+    def reported(self, stats: EngineStats, mean_tokens: float) -> None:
+        """Engine truth: the newest `num_waiting` of ours are the waiting ones (FCFS); they are
+        admitted at the next step as far as the free blocks reach, the rest queue."""
+        self.queued.clear()
+        self.queued_tokens = 0
+        waiting = min(stats.num_waiting, len(self.ours))
+        self.foreign = stats.num_waiting - waiting
+        self.foreign_tokens = self.foreign * mean_tokens
+        self.free_blocks = (1.0 - stats.kv_cache_usage) * stats.num_total_blocks
+        newest = reversed(self.ours.items())
+        for request_id, (tokens, blocks) in reversed(list(islice(newest, waiting))):
+            self.arrive(request_id, tokens, blocks)
+
+
+class CacheLoad:
+    """Ours, the default: the replica where the request's first token is expected soonest.
+
+    Score of replica r (estimated TTFT there, in prefill-token equivalents: tokens whose prefill
+    would take as long):
+
+        queued prefill tokens at r               (its queue, see below)
+      + prompt tokens not cached at r            (prompt - leading blocks r holds x block size)
+      + decode_weight_tokens x requests in flight at r   (decode work sharing the steps)
+      + footprint_weight x tokens r has cached   (the demand its cache will attract)
+
+    Why tokens rather than seconds: prefill is compute-bound, so every term that is prefill scales
+    with the same per-token cost and it cancels out of the comparison; only the decode term needs
+    a ratio, which depends on the model's shape (KV bytes per token vs FLOPs per token), not on a
+    measured latency. No calibration run, no drift when the GPU or the batch changes.
+
+    The queue is the prefill waiting for admission at r: the router's own accounting, reconciled
+    with engine truth at each stats report. vLLM admits a request at its next step when nothing
+    waits ahead of it and its new blocks fit in the free KV cache, and a step prefills thousands
+    of tokens; so a request routed to r counts as admitted, taking its uncached blocks out of r's
+    free blocks as last reported, until r is believed full; from then on requests queue there
+    with their uncached tokens. When r reports W requests waiting, vLLM's FCFS means the newest
+    W of ours are those, and its free blocks are known again: the waiting ones are re-admitted
+    against them (a request that arrived during the step being reported is not a queue); waiting
+    requests beyond all of ours (another router's) count at the mean size of ours.
+    Two simpler rules fail in the simulator. Counting every request routed since the last
+    report as queued is wrong for up to a stats period (a 2k-token prefill takes ~60 ms on an
+    H100, the report comes every second or so) and splits prefixes needlessly. Taking W at face
+    value for a whole period makes every replica that just got a request look loaded until the
+    next report, and the traffic herds onto the few that did not (random prompts: queues 2x the
+    mean, TTFT p90 8x pow2's).
+
+    Which blocks r holds comes from a PrefixIndex: added at once when a request is routed there
+    (so the next request of a burst already sees it), then corrected by r's KV cache events
+    (stored, removed, cleared): an evicted prefix stops attracting requests.
+
+    The last term is the one that looks ahead. A new prefix's first request finds the same cost
+    everywhere but load; yet wherever it lands, the prefix's later requests will follow. Without
+    the term, new prefixes go wherever in-flight counts happen to be lowest at that instant, and
+    the replicas end up owning unequal shares of the traffic (8 replicas, 64 prefixes: 7 to 10
+    each, queues 1.2x the mean). Spreading cached content evenly spreads that future traffic
+    (the same reason Ray's router sends unmatched requests to its "smallest tenant"), and the
+    index counts what the engines really hold, evictions included.
+
+    Hot-prefix guard: a replica with more requests in flight than the fleet mean plus
+    `spill_sigmas` standard deviations (and more than `spill_floor`) is passed over. Its best
+    rival then gets the request, caches the prefix, and from then on shares it: a hot prefix ends
+    up on as many replicas as its load needs. A fixed ratio (say 2x the mean) was tried: it
+    either lets the holders of an 80% prefix carry twice their share at saturation (throughput
+    14% under pow2's) or, set tighter, splits evenly spread prefixes on every Poisson burst at
+    light load.
+
+    Ties (e.g. idle replicas, none caching the prompt) are broken at random with the injected rng.
+    Cost per decision: one index walk (O(prompt blocks)) and two passes over the replicas.
+    Groups returned: the choice, the runner-up, then the rest (the caller takes the least loaded).
+    """
+
+    Params = CacheLoadParams
+
+    # The mean uncached tokens of routed requests: a plain mean of the first samples, then an
+    # exponential one with this weight per new sample.
+    _MEAN_WINDOW = 20
+
+    def __init__(self, params: CacheLoadParams | None = None, *, rng: random.Random) -> None:
+        self._params = params or CacheLoadParams()
+        self._rng = rng
+        self._index = PrefixIndex(self._params.max_index_blocks)
+        self._loads: dict[str, _ReplicaLoad] = {}
+        # Each replica's _ReplicaLoad.total, as a plain dict: rank reads it once per replica.
+        self._queue: dict[str, float] = {}
+        self._mean_tokens = 0.0
+        self._samples = 0
+        # The matches of the request last ranked, reused when on_routed follows for it.
+        self._last_request: str | None = None
+        self._last_matches: dict[str, int] = {}
+
+    @property
+    def index(self) -> PrefixIndex:
+        return self._index
 
     async def rank(
         self, request: RoutingRequest, replicas: Sequence[ReplicaView]
@@ -63,15 +421,83 @@ class PowerOfTwoChoices(_StatelessHooks):
         n = len(replicas)
         if n <= 1:
             return [[view.replica_id] for view in replicas]
-        rng = self._rng
-        i, j = rng.sample(range(n), 2)
-        a, b = replicas[i], replicas[j]
-        # The draw order is already random, so on a tie `a` is a fair pick.
-        if b.in_flight < a.in_flight:
-            a, b = b, a
-        groups = [[a.replica_id], [b.replica_id]]
+        matches = self._index.match(request.block_hashes)
+        self._last_request = request.request_id
+        self._last_matches = matches
+        params = self._params
+        weight = params.decode_weight_tokens
+        prompt = request.num_prompt_tokens
+        # Per replica in a few C-level passes (this runs for every request over every replica).
+        ids = [view.replica_id for view in replicas]
+        in_flight = [view.in_flight for view in replicas]
+        pressure = params.footprint_weight * (request.block_size or 0)
+        scores = [
+            prompt + queued + weight * count + pressure * held
+            for queued, count, held in zip(
+                map(self._queue.get, ids, repeat(0.0)),
+                in_flight,
+                map(self._index.held.get, ids, repeat(0)),
+                strict=True,
+            )
+        ]
+        if matches:
+            block_size = request.block_size or 0
+            for i, matched in enumerate(map(matches.get, ids, repeat(0))):
+                scores[i] -= matched * block_size
+        # The guard: a replica over the bound ranks last whatever its cache holds.
+        mean = sum(in_flight) / n
+        bound = max(mean + params.spill_sigmas * math.sqrt(mean), params.spill_floor)
+        for i, count in enumerate(in_flight):
+            if count > bound:
+                scores[i] = math.inf
+        best = min(scores)
+        ties = [i for i, score in enumerate(scores) if score == best]
+        chosen = ties[0] if len(ties) == 1 else self._rng.choice(ties)
+        runner_up = min((i for i in range(n) if i != chosen), key=scores.__getitem__)
+        groups = [[ids[chosen]], [ids[runner_up]]]
         if n > 2:
-            rest = [view.replica_id for k, view in enumerate(replicas) if k != i and k != j]
-            rng.shuffle(rest)
-            groups.append(rest)
+            groups.append([ids[i] for i in range(n) if i != chosen and i != runner_up])
         return groups
+
+    def on_routed(self, request: RoutingRequest, replica_id: str) -> None:
+        if self._last_request == request.request_id:
+            matched = self._last_matches.get(replica_id, 0)
+        else:
+            matched = self._index.match(request.block_hashes).get(replica_id, 0)
+        self._last_request = None
+        block_size = request.block_size or 0
+        uncached = request.num_prompt_tokens - matched * block_size
+        # Its new blocks, plus room for the first generated token (vLLM's admission check).
+        blocks = -(-(uncached + 1) // block_size) if block_size else 0
+        load = self._load(replica_id)
+        load.routed(request.request_id, uncached, blocks)
+        self._queue[replica_id] = load.total
+        self._samples += 1
+        self._mean_tokens += (uncached - self._mean_tokens) / min(self._samples, self._MEAN_WINDOW)
+        # At once, before the engine confirms: the next request with this prefix follows it.
+        self._index.add(replica_id, request.block_hashes)
+
+    def on_finished(self, request_id: str, replica_id: str) -> None:
+        load = self._loads.get(replica_id)
+        if load is not None:
+            load.finished(request_id)
+            self._queue[replica_id] = load.total
+
+    def on_replica_stats(self, replica_id: str, stats: EngineStats) -> None:
+        load = self._load(replica_id)
+        load.reported(stats, self._mean_tokens)
+        self._queue[replica_id] = load.total
+
+    def on_replica_removed(self, replica_id: str) -> None:
+        self._loads.pop(replica_id, None)
+        self._queue.pop(replica_id, None)
+        self._index.remove_replica(replica_id)
+
+    def on_kv_events(self, replica_id: str, events: Sequence[KVCacheEvent]) -> None:
+        self._index.apply(replica_id, events)
+
+    def _load(self, replica_id: str) -> _ReplicaLoad:
+        load = self._loads.get(replica_id)
+        if load is None:
+            load = self._loads[replica_id] = _ReplicaLoad()
+        return load

@@ -4,9 +4,9 @@ A policy is a plain object. For each request the router hands it the request (it
 hashes, so a policy can measure cache overlap itself) and a view of every candidate replica; the
 policy returns ranked groups of replica ids, best first. The caller tries the groups in order and,
 within a group, takes the replica with the fewest requests in flight that still has room. Hooks
-tell the policy what happened: a request was routed or finished, a replica reported stats, a
-replica left. Nothing here imports Ray, so the Serve adapter, the cluster simulator and the unit
-tests run the same objects.
+tell the policy what happened: a request was routed or finished, a replica reported stats or KV
+cache events, a replica left. Nothing here imports Ray, so the Serve adapter, the cluster
+simulator and the unit tests run the same objects.
 
 `rank` is async although today's policies never await: a policy that does (asks a shared index,
 probes a replica) keeps the same signature, and callers never branch on the kind of policy.
@@ -15,12 +15,18 @@ probes a replica) keeps the same signature, and callers never branch on the kind
 from __future__ import annotations
 
 import random
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Any, Protocol
 
-from deployments.engines.base import EngineStats
-from deployments.routing.policies import PowerOfTwoChoices, RoundRobin
+from deployments.engines.base import EngineStats, KVCacheEvent
+from deployments.routing.policies import (
+    CacheLoad,
+    PolicyParams,
+    PowerOfTwoChoices,
+    PrefixAffinity,
+    RoundRobin,
+)
 
 
 @dataclass(frozen=True, slots=True)
@@ -48,6 +54,16 @@ class RoutingRequest:
     num_prompt_tokens: int
     cache_salt: str | None = None
     tenant: str | None = None
+    # Tokens per block of `block_hashes`: the engines' block size, which the router learns from
+    # them (never assumes). Required with hashes: a policy turns matched blocks into tokens.
+    block_size: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.block_hashes and (self.block_size is None or self.block_size < 1):
+            raise ValueError(
+                f"request {self.request_id!r} has block hashes but block_size is "
+                f"{self.block_size!r}: pass the engines' block size the hashes were made with"
+            )
 
 
 class RoutingPolicy(Protocol):
@@ -68,20 +84,34 @@ class RoutingPolicy(Protocol):
     def on_replica_removed(self, replica_id: str) -> None:
         """The replica left the fleet: forget everything about it."""
 
+    def on_kv_events(self, replica_id: str, events: Sequence[KVCacheEvent]) -> None:
+        """KV cache events the replica's engine emitted since the last call, oldest first."""
 
-PolicyFactory = Callable[..., RoutingPolicy]
 
-# Policies by the name configs use; every factory takes the injected `rng` as a keyword.
-POLICIES: dict[str, PolicyFactory] = {
+class PolicyClass(Protocol):
+    """A policy class: its parameters model (defaults for every field, unknown keys refused, so
+    a config can validate them when it loads) and its constructor."""
+
+    Params: type[PolicyParams]
+
+    def __call__(self, params: Any = None, *, rng: random.Random) -> RoutingPolicy: ...
+
+
+# Policies by the name configs use; each draws its randomness only from the injected `rng`.
+POLICIES: dict[str, PolicyClass] = {
     "round_robin": RoundRobin,
     "pow2": PowerOfTwoChoices,
+    "prefix_affinity": PrefixAffinity,
+    "cache_load": CacheLoad,
 }
 
 
-def create_policy(name: str, *, rng: random.Random) -> RoutingPolicy:
-    """A fresh policy instance; ValueError lists the known names when `name` is not one."""
+def create_policy(name: str, *, rng: random.Random, **params: Any) -> RoutingPolicy:
+    """A fresh policy instance with `params` validated by its Params model; ValueError lists the
+    known names when `name` is not one, or says which parameter is wrong (pydantic's
+    ValidationError is a ValueError)."""
     try:
-        factory = POLICIES[name]
+        policy_class = POLICIES[name]
     except KeyError:
         raise ValueError(f"unknown routing policy {name!r}; known: {sorted(POLICIES)}") from None
-    return factory(rng=rng)
+    return policy_class(policy_class.Params(**params), rng=rng)

@@ -15,6 +15,9 @@ nothing is random here besides what is injected (the policy's rng, the engines' 
   every replica is full the request waits at the router, as in a Serve handle's queue, and is
   ranked again whenever a request finishes. The router's measured per-request overhead is one
   constant added between the client sending a request and the router placing it.
+- Every `stats_period_s` each routable replica's KV cache events since the last report go to the
+  policy (`on_kv_events`), then its engine stats (`on_replica_stats`): a real router's view of
+  engine truth is that stale. The policy's own update when it routes a request is immediate.
 - Clients behave as `loadtest run`'s: open loop, a session's first turn is due at its arrival
   time; closed loop, `max_concurrency` users each take the next session when their previous one
   ends. A later turn is due the think time after the previous answer (and not before a trace's
@@ -107,9 +110,13 @@ class SimulationResult:
     duration_s: float  # from the start to the last request's end
     cache_hit_rate: float
     ideal_cache_hit_rate: float
-    load_imbalance: float
+    load_imbalance: float  # the busiest replica's busy time over the mean
     replicas_over_time: list[tuple[float, int]]
     busy_s: dict[str, float]  # per replica that ever existed
+    # Per replica that ever existed, its requests in flight (its queue: waiting + running)
+    # averaged over the run; and the largest of these over their mean.
+    mean_in_flight: dict[str, float]
+    queue_imbalance: float
 
     def figures(self) -> dict[str, Any]:
         """The simulate-only figures of summary.json."""
@@ -117,8 +124,10 @@ class SimulationResult:
             "cache_hit_rate": self.cache_hit_rate,
             "ideal_cache_hit_rate": self.ideal_cache_hit_rate,
             "load_imbalance": self.load_imbalance,
+            "queue_imbalance": self.queue_imbalance,
             "replicas_over_time": [[t, n] for t, n in self.replicas_over_time],
             "replica_busy_s": self.busy_s,
+            "replica_mean_in_flight": self.mean_in_flight,
         }
 
 
@@ -160,6 +169,8 @@ class _Replica:
         "busy_s",
         "core",
         "in_flight",
+        "in_flight_s",
+        "in_flight_since",
         "outputs",
         "replica_id",
         "stats",
@@ -173,9 +184,18 @@ class _Replica:
         self.stats: EngineStats | None = None  # as last reported to the router
         self.view: ReplicaView | None = None  # cached until its stats or in-flight count change
         self.in_flight = 0
+        # The integral of in_flight over time, up to in_flight_since.
+        self.in_flight_s = 0.0
+        self.in_flight_since = 0.0
         self.busy_s = 0.0
         self.stepping = False  # a step is under way; its outputs are in `outputs`
         self.outputs: list[EngineOutput] = []
+
+    def add_in_flight(self, t: float, delta: int) -> None:
+        self.in_flight_s += self.in_flight * (t - self.in_flight_since)
+        self.in_flight_since = t
+        self.in_flight += delta
+        self.view = None
 
     def current_view(self) -> ReplicaView:
         view = self.view
@@ -369,6 +389,7 @@ class _Run:
             request_id=f"s{flight.run.index}-t{flight.record.turn}",
             block_hashes=block_hashes(flight.prompt, self._block_size),
             num_prompt_tokens=len(flight.prompt),
+            block_size=self._block_size,
         )
         if self._router_queue or not self._place(t, flight):
             self._router_queue.append(flight)  # FIFO behind the ones already waiting
@@ -425,8 +446,7 @@ class _Run:
         flight.replica = replica
         flight.record.replica = replica.replica_id
         self._flights[request.request_id] = flight
-        replica.in_flight += 1
-        replica.view = None
+        replica.add_in_flight(t, 1)
         self._policy.on_routed(request, replica.replica_id)
         if not replica.stepping:
             self._step(t, replica)
@@ -468,6 +488,9 @@ class _Run:
     def _on_stats(self, t: float, _: None) -> None:
         policy = self._policy
         for replica in self._replicas.values():
+            events = replica.core.drain_kv_events()
+            if events:
+                policy.on_kv_events(replica.replica_id, events)
             stats = replica.core.stats()
             replica.stats = stats
             replica.view = None
@@ -487,8 +510,7 @@ class _Run:
             request = flight.request
             assert request is not None
             del self._flights[request.request_id]
-            replica.in_flight -= 1
-            replica.view = None
+            replica.add_in_flight(t, -1)
             self._policy.on_finished(request.request_id, replica.replica_id)
 
         if self._free_slots is not None:
@@ -572,6 +594,12 @@ class _Run:
             hits += stats.prefix_cache_hits
         busy = {replica.replica_id: replica.busy_s for replica in self._all_replicas}
         mean_busy = sum(busy.values()) / len(busy)
+        end = self._last_end
+        in_flight: dict[str, float] = {}
+        for replica in self._all_replicas:
+            replica.add_in_flight(end, 0)
+            in_flight[replica.replica_id] = replica.in_flight_s / end if end > 0 else 0.0
+        mean_in_flight = sum(in_flight.values()) / len(in_flight)
         series = [*self._replica_series, (self._last_end, len(self._replicas))]
         return SimulationResult(
             records=self._records,
@@ -582,6 +610,10 @@ class _Run:
             load_imbalance=max(busy.values()) / mean_busy if mean_busy > 0 else 1.0,
             replicas_over_time=series,
             busy_s=busy,
+            mean_in_flight=in_flight,
+            queue_imbalance=(
+                max(in_flight.values()) / mean_in_flight if mean_in_flight > 0 else 1.0
+            ),
         )
 
 

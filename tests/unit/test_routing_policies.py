@@ -1,4 +1,5 @@
-"""Routing policies: the registry, round_robin and pow2 (Ray Serve's default)."""
+"""Routing policies: the registry, round_robin, pow2 (Ray Serve's default), prefix_affinity (Ray
+Serve LLM's PrefixCacheAffinityRouter) and cache_load (ours), with fake replicas and seeded rngs."""
 
 from __future__ import annotations
 
@@ -8,7 +9,8 @@ from collections.abc import Sequence
 
 import pytest
 
-from deployments.engines.base import EngineStats
+from deployments.engines.base import BlocksRemoved, BlocksStored, EngineStats
+from deployments.routing.hashing import block_hashes
 from deployments.routing.policy import (
     POLICIES,
     ReplicaView,
@@ -18,19 +20,28 @@ from deployments.routing.policy import (
 )
 from loadtest.simulator import resolve
 
-REQUEST = RoutingRequest(request_id="r", block_hashes=(1, 2, 3), num_prompt_tokens=50)
+REQUEST = RoutingRequest(
+    request_id="r", block_hashes=(1, 2, 3), num_prompt_tokens=50, block_size=16
+)
 
 
 def views(*in_flight: int) -> list[ReplicaView]:
     return [ReplicaView(f"r{i}", in_flight=n) for i, n in enumerate(in_flight)]
 
 
-def rank(policy: RoutingPolicy, replicas: Sequence[ReplicaView]) -> list[list[str]]:
-    return resolve(policy.rank(REQUEST, replicas))
+def rank(
+    policy: RoutingPolicy, replicas: Sequence[ReplicaView], req: RoutingRequest = REQUEST
+) -> list[list[str]]:
+    return resolve(policy.rank(req, replicas))
 
 
-def first(policy: RoutingPolicy, replicas: Sequence[ReplicaView]) -> str:
-    return rank(policy, replicas)[0][0]
+def first(
+    policy: RoutingPolicy, replicas: Sequence[ReplicaView], req: RoutingRequest = REQUEST
+) -> str:
+    """Where the caller sends the request: the first group's replica with the fewest in flight
+    (none is full here)."""
+    group = set(rank(policy, replicas, req)[0])
+    return min((v for v in replicas if v.replica_id in group), key=lambda v: v.in_flight).replica_id
 
 
 @pytest.mark.parametrize("name", sorted(POLICIES))
@@ -121,3 +132,244 @@ def test_pow2_is_deterministic_per_rng_seed() -> None:
 
 def test_pow2_with_one_replica() -> None:
     assert rank(create_policy("pow2", rng=random.Random(0)), views(5)) == [["r0"]]
+
+
+# -- the cache-aware policies -----------------------------------------------------------------
+
+BLOCK = 16
+SYSTEM = tuple(range(1000, 1000 + 8 * BLOCK))  # a shared prefix of 8 blocks
+
+
+def request(request_id: str, tokens: Sequence[int], salt: str | None = None) -> RoutingRequest:
+    return RoutingRequest(
+        request_id=request_id,
+        block_hashes=block_hashes(tokens, BLOCK, salt),
+        num_prompt_tokens=len(tokens),
+        cache_salt=salt,
+        block_size=BLOCK,
+    )
+
+
+def prompt(question: int, prefix: Sequence[int] = SYSTEM) -> tuple[int, ...]:
+    return (*prefix, *range(question * 100, question * 100 + 2 * BLOCK))
+
+
+def choose(policy: RoutingPolicy, req: RoutingRequest, replicas: Sequence[ReplicaView]) -> str:
+    """Rank, then route as the caller does."""
+    chosen = first(policy, replicas, req)
+    policy.on_routed(req, chosen)
+    return chosen
+
+
+def stats(waiting: int = 0, running: int = 0, usage: float = 0.1) -> EngineStats:
+    return EngineStats(
+        num_waiting=waiting,
+        num_running=running,
+        kv_cache_usage=usage,
+        block_size=BLOCK,
+        num_total_blocks=1000,
+    )
+
+
+CACHE_POLICIES = ["cache_load", "prefix_affinity"]
+
+
+@pytest.mark.parametrize("name", CACHE_POLICIES)
+def test_the_longest_match_wins(name: str) -> None:
+    policy = create_policy(name, rng=random.Random(0))
+    fleet = views(0, 0, 0, 0)
+    policy.on_routed(request("a", SYSTEM[: 2 * BLOCK]), "r0")  # 2 blocks of the prefix
+    policy.on_routed(request("b", prompt(1)), "r2")  # all 8, and a question
+    policy.on_routed(request("c", SYSTEM[: 5 * BLOCK]), "r3")  # 5 blocks
+    for view in fleet:
+        policy.on_replica_stats(view.replica_id, stats())  # nothing queued anywhere
+    assert rank(policy, fleet, request("d", prompt(2)))[0] == ["r2"]
+
+
+def test_cache_load_picks_the_idle_replica_when_no_cache_helps() -> None:
+    policy = create_policy("cache_load", rng=random.Random(0))
+    fleet = views(3, 1, 0, 2)
+    assert rank(policy, fleet, request("a", prompt(1)))[:2] == [["r2"], ["r1"]]
+
+
+def test_cache_load_breaks_ties_at_random_and_per_seed() -> None:
+    def picks(seed: int) -> list[str]:
+        policy = create_policy("cache_load", rng=random.Random(seed))
+        return [first(policy, views(0, 0, 0, 0)) for _ in range(40)]
+
+    assert set(picks(0)) == {"r0", "r1", "r2", "r3"}
+    assert picks(0) == picks(0) and picks(0) != picks(1)
+
+
+def test_cache_load_trades_cache_for_queue() -> None:
+    policy = create_policy("cache_load", rng=random.Random(0))
+    policy.on_routed(request("warm", prompt(0)), "r0")
+    policy.on_replica_stats("r0", stats(running=1, usage=1.0))  # no free KV: newcomers wait
+    for i in range(1, 6):
+        policy.on_routed(request(f"q{i}", prompt(i)), "r0")  # 32 uncached tokens each
+    # r0 would save b's 128-token prefix, but 160 tokens of prefill wait ahead of it there.
+    assert rank(policy, views(6, 0), request("b", prompt(9)))[0] == ["r1"]
+    # r0 reports room again: those were admitted, and its cache makes it the faster choice.
+    policy.on_replica_stats("r0", stats(running=6, usage=0.2))
+    assert rank(policy, views(6, 0), request("b", prompt(9)))[0] == ["r0"]
+
+
+def test_cache_load_requests_waiting_for_the_next_step_are_no_queue() -> None:
+    # A report often catches requests that arrived during the step under way. With free KV they
+    # are admitted at the next step; treating them as a queue for a whole stats period would
+    # steer traffic away from every replica that just got some (the herd effect).
+    policy = create_policy("cache_load", rng=random.Random(0))
+    policy.on_routed(request("warm", prompt(0)), "r0")
+    policy.on_routed(request("a", prompt(1)), "r0")
+    policy.on_replica_stats("r0", stats(waiting=2, running=0, usage=0.1))
+    assert first(policy, views(2, 0), request("b", prompt(2))) == "r0"
+    # The same report with a full cache: they wait, and so would b.
+    policy.on_replica_stats("r0", stats(waiting=2, running=0, usage=1.0))
+    assert first(policy, views(2, 0), request("b", prompt(2))) == "r1"
+
+
+def test_cache_load_waiting_requests_of_other_routers_count() -> None:
+    policy = create_policy("cache_load", rng=random.Random(0))
+    for i in range(4):
+        policy.on_routed(request(f"x{i}", prompt(i)), "r2")  # this router's mean: 160 tokens
+    policy.on_routed(request("warm", prompt(0)), "r0")
+    policy.on_replica_stats("r0", stats(waiting=3, running=1, usage=0.1))  # 2 waiting not ours
+    assert first(policy, views(1, 1, 1), request("b", prompt(5))) != "r0"
+
+
+def test_cache_load_guard_spills_a_hot_prefix_which_then_caches_there_too() -> None:
+    policy = create_policy("cache_load", rng=random.Random(0))
+    policy.on_routed(request("warm", prompt(0)), "r0")
+    policy.on_replica_stats("r0", stats(running=1))
+    # Under the bound (mean + 3 standard deviations, at least 16) the prefix stays with r0.
+    assert first(policy, views(20, 8, 8, 8), request("x", prompt(1))) == "r0"
+    # Over it (mean 16: bound 28), the request spills; where it went now has the prefix too...
+    hot = views(40, 8, 8, 8)
+    spilled = choose(policy, request("a", prompt(2)), hot)
+    assert spilled != "r0"
+    policy.on_replica_stats(spilled, stats(running=1))
+    # ...so the next request of the hot prefix follows it rather than a cold replica.
+    loaded = [
+        ReplicaView(v.replica_id, in_flight=v.in_flight + (v.replica_id == spilled)) for v in hot
+    ]
+    assert first(policy, loaded, request("b", prompt(3))) == spilled
+
+
+def test_cache_load_guard_holds_whatever_the_cache_says() -> None:
+    policy = create_policy("cache_load", rng=random.Random(0), spill_sigmas=0, spill_floor=2)
+    policy.on_routed(request("warm", prompt(0)), "r0")
+    policy.on_replica_stats("r0", stats(running=1))
+    assert first(policy, views(3, 1, 1), request("a", prompt(1))) != "r0"  # 3 > max(5/3, 2)
+
+
+def test_cache_load_steers_new_prefixes_to_the_emptier_cache() -> None:
+    policy = create_policy("cache_load", rng=random.Random(0))
+    for i in range(20):  # r0 caches 20 unrelated prompts
+        policy.on_kv_events(
+            "r0",
+            [BlocksStored(block_hashes=tuple(request("x", prompt(i, (i,) * 64)).block_hashes))],
+        )
+    assert {first(policy, views(0, 0), request(f"n{i}", prompt(i, ()))) for i in range(10)} == {
+        "r1"
+    }
+
+
+def test_removed_blocks_stop_attracting() -> None:
+    policy = create_policy("cache_load", rng=random.Random(0))
+    warm = request("warm", prompt(0))
+    policy.on_routed(warm, "r0")
+    policy.on_replica_stats("r0", stats(running=1))
+    fleet = views(1, 0, 0)
+    assert first(policy, fleet, request("a", prompt(1))) == "r0"
+    policy.on_kv_events("r0", [BlocksRemoved(block_hashes=tuple(warm.block_hashes[3:]))])
+    assert first(policy, fleet, request("a", prompt(1))) == "r0"  # 3 blocks still help
+    policy.on_kv_events("r0", [BlocksRemoved(block_hashes=tuple(warm.block_hashes[:3]))])
+    assert first(policy, fleet, request("a", prompt(1))) != "r0"
+
+
+def test_engine_stored_blocks_attract_without_routing() -> None:
+    policy = create_policy("cache_load", rng=random.Random(0))
+    # Another router sent the prefix to r1; this one learns it from r1's engine.
+    policy.on_kv_events("r1", [BlocksStored(block_hashes=tuple(request("x", SYSTEM).block_hashes))])
+    assert first(policy, views(0, 1, 0), request("a", prompt(1))) == "r1"
+
+
+@pytest.mark.parametrize("name", CACHE_POLICIES)
+def test_a_departed_replica_loses_its_cache_credit(name: str) -> None:
+    policy = create_policy(name, rng=random.Random(0))
+    policy.on_routed(request("warm", prompt(0)), "r0")
+    policy.on_replica_stats("r0", stats(running=1))
+    policy.on_replica_removed("r0")
+    for i in range(20):
+        ranked = rank(policy, views(1, 1, 1)[1:], request(f"a{i}", prompt(i + 1)))
+        assert "r0" not in {replica_id for group in ranked for replica_id in group}
+    # Seen again under the same id (e.g. the router dropped a view it could no longer trust),
+    # it starts with an empty cache.
+    back = [ReplicaView("r0", in_flight=1), ReplicaView("r1")]
+    assert first(policy, back, request("b", prompt(9))) == "r1"
+
+
+@pytest.mark.parametrize("name", CACHE_POLICIES)
+def test_salt_separates_tenants(name: str) -> None:
+    policy = create_policy(name, rng=random.Random(0))
+    policy.on_routed(request("warm", prompt(0), salt="tenant-a"), "r0")
+    policy.on_replica_stats("r0", stats(running=1))
+    fleet = [ReplicaView("r0", in_flight=1), ReplicaView("r1"), ReplicaView("r2")]
+    assert first(policy, fleet, request("a", prompt(1), salt="tenant-a")) == "r0"
+    other = request("b", prompt(1), salt="tenant-b")
+    assert set(other.block_hashes).isdisjoint(request("a", prompt(1), "tenant-a").block_hashes)
+    for _ in range(10):
+        assert first(policy, fleet, other) != "r0"
+
+
+def test_prefix_affinity_below_the_match_rate_goes_to_the_smallest_tenants() -> None:
+    policy = create_policy("prefix_affinity", rng=random.Random(0))
+    policy.on_routed(request("a", tuple(range(20 * BLOCK))), "r0")  # 20 blocks
+    policy.on_routed(request("b", tuple(range(5000, 5000 + 10 * BLOCK))), "r1")  # 10 blocks
+    fleet = views(0, 0, 5, 0)
+    # No match: Ray's "smallest tenants", r2 and r3 (no blocks), whatever their load.
+    groups = rank(policy, fleet, request("c", prompt(1)))
+    assert sorted(groups[0]) == ["r2", "r3"]
+    # A match under 10% of the prompt (1 block of 42) counts as none.
+    long_prompt = (*range(BLOCK), *range(9000, 9000 + 41 * BLOCK))
+    assert sorted(rank(policy, fleet, request("d", long_prompt))[0]) == ["r2", "r3"]
+    # From 10% on the holder wins, however loaded (Ray's default has no load guard).
+    busy = views(0, 50, 0, 0)
+    follow_up = (*range(5000, 5000 + 10 * BLOCK), *range(7000, 7000 + 30 * BLOCK))
+    assert rank(policy, busy, request("e", follow_up))[0] == ["r1"]  # 10 blocks of 40: 25%
+
+
+def test_prefix_affinity_ranks_the_rest_as_pow2_does() -> None:
+    fleet = views(0, 3, 1, 2)
+    for seed in range(10):
+        policy = create_policy("prefix_affinity", rng=random.Random(seed))
+        policy.on_routed(request("warm", prompt(0)), "r3")
+        groups = rank(policy, fleet, request("a", prompt(1)))
+        expected = create_policy("pow2", rng=random.Random(seed))
+        pow2 = [[i for i in g if i != "r3"] for g in rank(expected, fleet)]
+        assert groups == [["r3"], *(g for g in pow2 if g)]
+
+
+def test_prefix_affinity_defers_to_pow2_when_load_is_imbalanced() -> None:
+    policy = create_policy("prefix_affinity", rng=random.Random(3), imbalanced_threshold=4)
+    policy.on_routed(request("warm", prompt(0)), "r0")
+    assert rank(policy, views(0, 2, 4), request("a", prompt(1)))[0] == ["r0"]  # 4 - 0: balanced
+    replicas = views(9, 2, 4)
+    expected = create_policy("pow2", rng=random.Random(3))
+    rank(expected, views(0, 2, 4))  # the same draws as the policy's first call
+    assert rank(policy, replicas, request("b", prompt(2))) == rank(expected, replicas)
+
+
+def test_policy_params_are_validated() -> None:
+    policy = create_policy("cache_load", rng=random.Random(0), spill_sigmas=2.0)
+    assert isinstance(policy, POLICIES["cache_load"])
+    with pytest.raises(ValueError, match="spill_sigmas"):
+        create_policy("cache_load", rng=random.Random(0), spill_sigmas=-1)
+    with pytest.raises(ValueError, match="no_such_knob"):
+        create_policy("pow2", rng=random.Random(0), no_such_knob=1)
+
+
+def test_a_request_with_hashes_needs_its_block_size() -> None:
+    with pytest.raises(ValueError, match="block_size"):
+        RoutingRequest(request_id="x", block_hashes=(1,), num_prompt_tokens=16)
+    RoutingRequest(request_id="y", block_hashes=(), num_prompt_tokens=3)  # too short to hash

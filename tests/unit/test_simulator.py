@@ -14,7 +14,7 @@ from typing import Any
 
 import pytest
 
-from deployments.engines.base import EngineStats
+from deployments.engines.base import BlocksStored, EngineStats, KVCacheEvent
 from deployments.engines.profiles import LLAMA_8B_H100, PerformanceProfile
 from deployments.routing.hashing import block_hashes
 from deployments.routing.policy import ReplicaView, RoutingRequest, create_policy
@@ -259,6 +259,7 @@ class Recorder:
         self.finished: list[str] = []
         self.removed: list[str] = []
         self.stats_from: set[str] = set()
+        self.kv_events: list[tuple[str, KVCacheEvent]] = []
         self.in_flight: Counter[str] = Counter()
         self.peak_in_flight = 0
 
@@ -285,6 +286,9 @@ class Recorder:
 
     def on_replica_removed(self, replica_id: str) -> None:
         self.removed.append(replica_id)
+
+    def on_kv_events(self, replica_id: str, events: Sequence[KVCacheEvent]) -> None:
+        self.kv_events.extend((replica_id, event) for event in events)
 
 
 def test_full_replicas_hold_requests_at_the_router() -> None:
@@ -335,6 +339,47 @@ def test_autoscaling_hook_resizes_the_fleet_and_hooks_follow() -> None:
         "running",
         "kv_cache_usage",
     }
+
+
+def test_kv_events_reach_the_policy_each_stats_period() -> None:
+    # The engine stores the prompt's blocks when it schedules them; the policy hears of them
+    # from that replica, in the stats period's batch of events.
+    prompt = tuple(range(64))  # 4 blocks of 16
+    sessions = [Session(f"s{i}", (Turn(prompt, 4),)) for i in range(2)]
+    policy = Recorder("cache_load")
+    simulate(FleetSpec(small_profile(), 1, stats_period_s=1.0), policy, sessions, [0.2, 3.2])
+    stored = [event for replica_id, event in policy.kv_events if isinstance(event, BlocksStored)]
+    assert {replica_id for replica_id, _ in policy.kv_events} == {"replica-0"}
+    assert [h for event in stored for h in event.block_hashes][:4] == block_hashes(prompt, 16)
+
+
+def test_queue_imbalance_is_the_busiest_replicas_mean_in_flight_over_the_mean() -> None:
+    # round_robin alternates: replica-0 gets requests 0, 2, 4 (long), replica-1 1, 3, 5 (short).
+    sessions = [
+        Session(f"s{i}", (Turn(tuple(range(i, i + 40)), 200 if i % 2 == 0 else 5),))
+        for i in range(6)
+    ]
+    result = simulate(
+        FleetSpec(small_profile(), 2),
+        create_policy("round_robin", rng=random.Random(0)),
+        sessions,
+        [0.0] * 6,
+    )
+    busy, light = result.mean_in_flight["replica-0"], result.mean_in_flight["replica-1"]
+    assert busy > 2 * light > 0
+    assert result.queue_imbalance == pytest.approx(busy / ((busy + light) / 2))
+    # Without router overhead a request is in flight at its replica from its start to its end.
+    held = sum(r.end_s - r.start_s for r in result.records if r.replica == "replica-0")
+    assert busy == pytest.approx(held / result.duration_s)
+    assert result.figures()["queue_imbalance"] == result.queue_imbalance
+
+
+def test_hot_share_gives_one_prefix_that_share_of_the_prompts() -> None:
+    flags = [f for f in SHARED_PREFIX if not f.startswith("--rate")]
+    result = run_cli_workload([*flags, "--hot-share=0.75", "--rate=50"], policy="cache_load")
+    groups = Counter(r.session_id.split("-")[1] for r in result.records)
+    assert groups == {"0": 24, "1": 3, "2": 3, "3": 2}  # 32 prompts: 24 hot, 8 over the rest
+    assert all(r.ok for r in result.records)
 
 
 def test_without_an_autoscaler_the_fleet_is_fixed() -> None:
