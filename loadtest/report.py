@@ -6,6 +6,7 @@ report.md and never costs the numbers.
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import json
 import logging
@@ -83,6 +84,21 @@ def _finite(value: Any) -> Any:
     if isinstance(value, list | tuple):
         return [_finite(v) for v in value]
     return value
+
+
+def add_output_arguments(parser: argparse.ArgumentParser, default_out: str) -> Any:
+    """The output flags `run` and `simulate` share; returns the group for command-specific ones."""
+    output = parser.add_argument_group("output")
+    output.add_argument(
+        "--out", type=Path, default=None, help=f"Output folder (default: {default_out})."
+    )
+    output.add_argument(
+        "--slo-ttft-ms", type=float, default=None, help="TTFT objective of goodput (ms)."
+    )
+    output.add_argument(
+        "--slo-tpot-ms", type=float, default=None, help="TPOT objective of goodput (ms)."
+    )
+    return output
 
 
 def write_report(

@@ -27,7 +27,7 @@ from deployments.tokenizer import PromptTokenizer
 from loadtest.arrivals import add_arrival_arguments, build_arrivals
 from loadtest.client import Endpoint, run_load
 from loadtest.metrics import summarize
-from loadtest.report import summary_table, write_report
+from loadtest.report import add_output_arguments, summary_table, write_report
 from loadtest.workloads import add_workload_arguments, build_workload
 
 API_KEY_ENV = "OPENAI_API_KEY"
@@ -74,19 +74,7 @@ def register(subparsers: Any) -> None:
         default=None,
         help="Start no request after this many seconds; running ones finish (default: no cap).",
     )
-    output = parser.add_argument_group("output")
-    output.add_argument(
-        "--out",
-        type=Path,
-        default=None,
-        help="Output folder (default: loadtest-runs/<date-time>).",
-    )
-    output.add_argument(
-        "--slo-ttft-ms", type=float, default=None, help="TTFT objective of goodput (ms)."
-    )
-    output.add_argument(
-        "--slo-tpot-ms", type=float, default=None, help="TPOT objective of goodput (ms)."
-    )
+    output = add_output_arguments(parser, "loadtest-runs/<date-time>")
     output.add_argument(
         "--no-progress", action="store_true", help="No progress bar on stderr while running."
     )

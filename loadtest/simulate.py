@@ -28,7 +28,7 @@ from deployments.routing.policy import POLICIES, create_policy
 from deployments.tokenizer import PromptTokenizer
 from loadtest.arrivals import add_arrival_arguments, build_arrivals, schedule
 from loadtest.metrics import summarize
-from loadtest.report import summary_table, write_report
+from loadtest.report import add_output_arguments, summary_table, write_report
 from loadtest.simulator import FleetSpec, SimulationResult, simulate
 from loadtest.workloads import add_workload_arguments, build_workload
 
@@ -110,19 +110,7 @@ def register(subparsers: Any) -> None:
         help="KV cache blocks per replica, overriding the profile's (e.g. to make the shared "
         "prefixes outgrow one replica's cache).",
     )
-    output = parser.add_argument_group("output")
-    output.add_argument(
-        "--out",
-        type=Path,
-        default=None,
-        help="Output folder (default: loadtest-runs/sim-<date-time>).",
-    )
-    output.add_argument(
-        "--slo-ttft-ms", type=float, default=None, help="TTFT objective of goodput (ms)."
-    )
-    output.add_argument(
-        "--slo-tpot-ms", type=float, default=None, help="TPOT objective of goodput (ms)."
-    )
+    add_output_arguments(parser, "loadtest-runs/sim-<date-time>")
     add_workload_arguments(parser)  # also --seed: prompts, arrivals and the policy's draws
     add_arrival_arguments(parser)
     parser.set_defaults(handler=handle)

@@ -39,10 +39,10 @@ and streamed /v1/chat/completions, accept `ignore_eos` (exactly max_tokens come 
 cached_tokens (a repeated 720-token prompt: 640 cached, 5 blocks of 128). pow2 also serves
 token-id prompts. PrefixCacheAffinityRouter does not: it matches a request's `prompt` or
 `messages` as text, a list of token ids becomes "", and its match rate divides by zero
-(ray-project/ray#64573); the request is never answered. So load `prefix-affinity` with
-`--endpoint chat` (text messages), not the default token-id completions. Ray Serve LLM also merges
-a stream's tokens in 50 ms windows (`stream_batching_interval_ms`), so one SSE chunk may carry
-several tokens: its inter-chunk latency is not ours token for token.
+(a ZeroDivisionError, seen here with Ray 2.60); the request is never answered. So load
+`prefix-affinity` with `--endpoint chat` (text messages), not the default token-id completions.
+Ray Serve LLM also merges a stream's tokens in 50 ms windows (`stream_batching_interval_ms`), so
+one SSE chunk may carry several tokens: its inter-chunk latency is not ours token for token.
 
 Use it (here the anchor is ready ~50 s after start; both stacks stay up side by side, idle while
 `loadtest compare` loads the other, one target after the other):

@@ -2,7 +2,7 @@
 
 It pins what `loadtest` needs from the anchor to compare fairly: `ignore_eos` gives exactly
 max_tokens, and usage reports cached prompt tokens. Prompts are text: this router never answers a
-token-id prompt (ray-project/ray#64573, see loadtest/anchors/ray_serve_llm.py).
+token-id prompt (see loadtest/anchors/ray_serve_llm.py).
 """
 
 from __future__ import annotations

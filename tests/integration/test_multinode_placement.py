@@ -16,7 +16,7 @@ from ray.cluster_utils import Cluster
 from ray.util.placement_group import placement_group, remove_placement_group
 
 from cluster import runtime
-from deployments.config import AppConfig, RouterConfig
+from deployments.config import AppConfig, ModelConfig, RouterConfig
 from tests.integration.conftest import free_port, simulated_model
 
 pytestmark = pytest.mark.integration
@@ -38,6 +38,17 @@ def two_gpu_nodes() -> Iterator[Cluster]:
         cluster.shutdown()
 
 
+def deploy_and_place(model: ModelConfig) -> list[set[str]]:
+    """Deploy `model` alone; the nodes each of its replicas' placement groups landed on."""
+    config = AppConfig(router=RouterConfig(cpus=0.1), models=[model])
+    runtime.deploy(config, host="127.0.0.1", port=free_port(), timeout_s=180)
+    return [
+        set(pg["bundles_to_node_id"].values())
+        for pg in ray.util.placement_group_table().values()
+        if pg["state"] == "CREATED" and len(pg["bundles"]) == model.num_workers
+    ]
+
+
 def test_tp4_replicas_each_land_within_one_node(
     two_gpu_nodes: Cluster, embedded_model: Path
 ) -> None:
@@ -50,16 +61,9 @@ def test_tp4_replicas_each_land_within_one_node(
         cpus_per_worker=0.5,
         replica_cpus=0.0,
     )
-    config = AppConfig(router=RouterConfig(cpus=0.1), models=[model])
-    runtime.deploy(config, host="127.0.0.1", port=free_port(), timeout_s=180)
     try:
-        groups = [
-            pg
-            for pg in ray.util.placement_group_table().values()
-            if pg["state"] == "CREATED" and len(pg["bundles"]) == 4
-        ]
-        assert len(groups) == 2, groups
-        nodes_per_replica = [set(pg["bundles_to_node_id"].values()) for pg in groups]
+        nodes_per_replica = deploy_and_place(model)
+        assert len(nodes_per_replica) == 2, nodes_per_replica
         assert all(len(nodes) == 1 for nodes in nodes_per_replica), nodes_per_replica
         # Two 4-GPU replicas on two 4-GPU nodes: one replica per node.
         assert nodes_per_replica[0] != nodes_per_replica[1]
@@ -96,15 +100,9 @@ def test_pipeline_parallel_replica_spans_both_nodes(
         num_replicas=1,
         cpus_per_worker=0.5,
     )
-    config = AppConfig(router=RouterConfig(cpus=0.1), models=[model])
-    runtime.deploy(config, host="127.0.0.1", port=free_port(), timeout_s=180)
     try:
-        groups = [
-            pg
-            for pg in ray.util.placement_group_table().values()
-            if pg["state"] == "CREATED" and len(pg["bundles"]) == 8
-        ]
-        assert len(groups) == 1
-        assert len(set(groups[0]["bundles_to_node_id"].values())) == 2
+        nodes_per_replica = deploy_and_place(model)
+        assert len(nodes_per_replica) == 1
+        assert len(nodes_per_replica[0]) == 2
     finally:
         serve.delete(runtime.APP_NAME)
