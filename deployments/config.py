@@ -73,7 +73,7 @@ class RoutingConfig(StrictModel):
     """How the router picks a replica of this model (deployments/routing)."""
 
     policy: str = Field(
-        "pow2",
+        "cache_load",
         description="Routing policy by name: round_robin, pow2 (Ray Serve's default), "
         "prefix_affinity (Ray Serve LLM's PrefixCacheAffinityRouter), cache_load (ours).",
     )

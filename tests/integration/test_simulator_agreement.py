@@ -59,6 +59,8 @@ def model(name: str, profile: dict[str, Any] | str, replicas: int, source: str) 
         "cpus_per_worker": 0.1,
         "replica_cpus": 0.0,
         "simulated": {"profile": profile, "seed": 11},
+        # Both sides route with pow2: this test is about the engine model and the serving path.
+        "routing": {"policy": "pow2"},
     }
 
 
