@@ -20,6 +20,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Literal
 
+from loadtest.argtypes import positive_float, positive_int
 from loadtest.spec import Session
 
 ArrivalKind = Literal["poisson", "gamma", "constant", "stages", "closed"]
@@ -119,25 +120,11 @@ def parse_stages(text: str) -> tuple[Stage, ...]:
     return tuple(stages)
 
 
-def _positive_float(text: str) -> float:
-    value = float(text)
-    if not value > 0:
-        raise argparse.ArgumentTypeError(f"{text!r}: expected a number > 0 (inf allowed)")
-    return value
-
-
-def _positive_int(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"{text!r}: expected an integer >= 1")
-    return value
-
-
 def add_arrival_arguments(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("arrivals")
     group.add_argument(
         "--rate",
-        type=_positive_float,
+        type=positive_float,
         default=None,
         help="Sessions started per second (inf: all at once; the default unless --concurrency "
         "alone asks for a closed loop).",
@@ -152,14 +139,14 @@ def add_arrival_arguments(parser: argparse.ArgumentParser) -> None:
     )
     group.add_argument(
         "--burstiness",
-        type=_positive_float,
+        type=positive_float,
         default=1.0,
         help="Shape of the gamma gaps, as in vLLM: 1 is Poisson, < 1 burstier, > 1 more regular "
         "(default 1).",
     )
     group.add_argument(
         "--concurrency",
-        type=_positive_int,
+        type=positive_int,
         default=None,
         help="Without --rate or --stages: a closed loop of N users, each starting its next "
         "session when the previous one ends. With them: at most N requests in flight.",

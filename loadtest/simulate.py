@@ -26,6 +26,7 @@ from cluster.embedded_model import ensure_embedded_model
 from deployments.config import ModelConfig
 from deployments.routing.policy import POLICIES, create_policy
 from deployments.tokenizer import PromptTokenizer
+from loadtest.argtypes import finite_positive_float, non_negative_float, positive_int
 from loadtest.arrivals import add_arrival_arguments, build_arrivals, schedule
 from loadtest.metrics import summarize
 from loadtest.report import add_output_arguments, summary_table, write_report
@@ -37,27 +38,6 @@ DEFAULT_POLICY = "cache_load"
 # the 2-core machine this project is developed on (HTTP through Serve's proxy and the Router
 # deployment, minus the same request through a deployment handle).
 DEFAULT_ROUTER_OVERHEAD_MS = 7.0
-
-
-def _positive_int(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"{text!r}: expected an integer >= 1")
-    return value
-
-
-def _non_negative_float(text: str) -> float:
-    value = float(text)
-    if not 0 <= value < float("inf"):
-        raise argparse.ArgumentTypeError(f"{text!r}: expected a finite number >= 0")
-    return value
-
-
-def _positive_float(text: str) -> float:
-    value = float(text)
-    if not 0 < value < float("inf"):
-        raise argparse.ArgumentTypeError(f"{text!r}: expected a finite number > 0")
-    return value
 
 
 def register(subparsers: Any) -> None:
@@ -77,7 +57,7 @@ def register(subparsers: Any) -> None:
     )
     cluster.add_argument(
         "--replicas",
-        type=_positive_int,
+        type=positive_int,
         default=None,
         help="Replicas to simulate (default: the model's num_replicas).",
     )
@@ -89,7 +69,7 @@ def register(subparsers: Any) -> None:
     )
     cluster.add_argument(
         "--router-overhead-ms",
-        type=_non_negative_float,
+        type=non_negative_float,
         default=DEFAULT_ROUTER_OVERHEAD_MS,
         help="Serving-path time per request, added before it reaches an engine (default "
         f"{DEFAULT_ROUTER_OVERHEAD_MS:g}: the router's own, `router - handle` p50 of `python -m "
@@ -98,14 +78,14 @@ def register(subparsers: Any) -> None:
     )
     cluster.add_argument(
         "--stats-period-s",
-        type=_positive_float,
+        type=finite_positive_float,
         default=1.0,
         help="How often replicas report engine stats and KV cache events to the router (default "
         "1): the staleness of the router's view of engine truth.",
     )
     cluster.add_argument(
         "--num-kv-blocks",
-        type=_positive_int,
+        type=positive_int,
         default=None,
         help="KV cache blocks per replica, overriding the profile's (e.g. to make the shared "
         "prefixes outgrow one replica's cache).",

@@ -22,6 +22,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from deployments.tokenizer import PromptTokenizer
+from loadtest.argtypes import positive_int
 from loadtest.spec import Session, Turn
 
 TRACE_PREFIX = "trace:"
@@ -51,13 +52,6 @@ def parse_length(text: str) -> LengthRange:
     if bounds.low < 1 or bounds.high < bounds.low:
         raise argparse.ArgumentTypeError(f"{text!r}: expected 1 <= MIN <= MAX")
     return bounds
-
-
-def _positive_int(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"{text!r}: expected an integer >= 1")
-    return value
 
 
 def _share(text: str) -> float:
@@ -122,7 +116,7 @@ def add_workload_arguments(parser: argparse.ArgumentParser) -> None:
     )
     group.add_argument(
         "--num-requests",
-        type=_positive_int,
+        type=positive_int,
         default=None,
         help="Requests to send: caps the workload, or repeats it (new session ids) to reach N. "
         "The count for random and prefix-repetition (default 1000); for multi-turn the last "
@@ -138,17 +132,17 @@ def add_workload_arguments(parser: argparse.ArgumentParser) -> None:
     )
     shared = parser.add_argument_group("shared-prefix workload (SGLang generated-shared-prefix)")
     shared.add_argument(
-        "--num-groups", type=_positive_int, default=64, help="Distinct system prompts (default 64)."
+        "--num-groups", type=positive_int, default=64, help="Distinct system prompts (default 64)."
     )
     shared.add_argument(
         "--prompts-per-group",
-        type=_positive_int,
+        type=positive_int,
         default=16,
         help="Prompts that share each system prompt (default 16).",
     )
     shared.add_argument(
         "--system-prompt-len",
-        type=_positive_int,
+        type=positive_int,
         default=2048,
         help="Tokens of each group's system prompt, the shared prefix (default 2048).",
     )
@@ -170,10 +164,10 @@ def add_workload_arguments(parser: argparse.ArgumentParser) -> None:
     )
     multi = parser.add_argument_group("multi-turn workload")
     multi.add_argument(
-        "--num-users", type=_positive_int, default=16, help="Conversations (default 16)."
+        "--num-users", type=positive_int, default=16, help="Conversations (default 16)."
     )
     multi.add_argument(
-        "--turns", type=_positive_int, default=5, help="Requests per conversation (default 5)."
+        "--turns", type=positive_int, default=5, help="Requests per conversation (default 5)."
     )
     multi.add_argument(
         "--turn-input-len",
@@ -198,19 +192,19 @@ def add_workload_arguments(parser: argparse.ArgumentParser) -> None:
     repetition = parser.add_argument_group("prefix-repetition workload (vLLM)")
     repetition.add_argument(
         "--prefix-len",
-        type=_positive_int,
+        type=positive_int,
         default=256,
         help="Tokens of each shared prefix (default 256).",
     )
     repetition.add_argument(
         "--suffix-len",
-        type=_positive_int,
+        type=positive_int,
         default=256,
         help="Tokens of each request's own suffix after its prefix (default 256).",
     )
     repetition.add_argument(
         "--num-prefixes",
-        type=_positive_int,
+        type=positive_int,
         default=10,
         help="Distinct prefixes (default 10); request i uses prefix i mod this, then the order "
         "is shuffled.",
