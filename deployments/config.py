@@ -16,6 +16,7 @@ from pydantic import (
     ConfigDict,
     Field,
     NonNegativeFloat,
+    NonNegativeInt,
     PositiveFloat,
     PositiveInt,
     ValidationInfo,
@@ -199,6 +200,24 @@ class ModelConfig(StrictModel):
         return self
 
 
+class RequestLimits(StrictModel):
+    """Bounds of one API request beyond the body size: past them the request is a 400 naming the
+    field (vLLM's defaults where it has one)."""
+
+    max_json_depth: PositiveInt = Field(
+        32, description="Deepest nesting of arrays and objects in a request body."
+    )
+    max_n: PositiveInt = Field(16, description="Largest `n` (choices per request).")
+    max_logprobs: NonNegativeInt = Field(
+        20, description="Largest `logprobs` (completions) or `top_logprobs` (chat), as vLLM's."
+    )
+    max_stop_sequences: PositiveInt = Field(
+        16, description="Most entries in `stop`, and in `stop_token_ids`."
+    )
+    max_stop_chars: PositiveInt = Field(1024, description="Longest single stop string.")
+    max_messages: PositiveInt = Field(4096, description="Most messages in one chat request.")
+
+
 class RouterConfig(StrictModel):
     """The router deployment: the OpenAI HTTP API in front of every model."""
 
@@ -209,6 +228,9 @@ class RouterConfig(StrictModel):
     )
     max_body_bytes: PositiveInt = Field(
         2 * 1024 * 1024, description="Request bodies above this get 413."
+    )
+    limits: RequestLimits = Field(
+        default_factory=RequestLimits, description="Bounds of one request's fields."
     )
     request_timeout_s: PositiveFloat = Field(
         600.0, description="Deadline of one request; beyond it the engine request is aborted."

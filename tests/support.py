@@ -3,9 +3,21 @@
 from __future__ import annotations
 
 import json
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Mapping
+from contextlib import asynccontextmanager
+from pathlib import Path
 
+import httpx
+
+from deployments.api.openai_app import ModelBackend, OpenAIApp
+from deployments.config import AppConfig, ModelConfig, RouterConfig
 from deployments.engines.base import Engine, EngineOutput, EngineRequest, EngineStats
+from deployments.engines.profiles import ZERO_LATENCY
+from deployments.engines.simulated import SimulatedEngine
+from deployments.tokenizer import PromptTokenizer
+
+API_MODEL = "tiny"
+API_MAX_MODEL_LEN = 1024
 
 
 class EngineBackend:
@@ -28,3 +40,43 @@ def parse_sse(body: str) -> tuple[list[dict], bool]:
     events = [line.removeprefix("data: ") for line in body.split("\n\n") if line.strip()]
     done = bool(events) and events[-1] == "[DONE]"
     return [json.loads(e) for e in events if e != "[DONE]"], done
+
+
+@asynccontextmanager
+async def simulated_api(
+    model_path: Path,
+    router: RouterConfig,
+    backend: Mapping[str, ModelBackend] | None = None,
+) -> AsyncIterator[tuple[httpx.AsyncClient, SimulatedEngine]]:
+    """The OpenAI app over one zero-latency simulated engine (model `tiny`), in process.
+
+    `backend` replaces the engine's backend (fault injection); the engine still runs so the
+    teardown can check that no request outlived its response.
+    """
+    tokenizer = PromptTokenizer(str(model_path))
+    engine = SimulatedEngine(
+        ZERO_LATENCY, seed=1, detokenize=tokenizer.decode, vocab_size=tokenizer.vocab_size
+    )
+    await engine.start()
+    config = AppConfig(
+        router=router,
+        models=[
+            ModelConfig(
+                name=API_MODEL,
+                engine="simulated",
+                source=str(model_path),
+                device="cpu",
+                max_model_len=API_MAX_MODEL_LEN,
+            )
+        ],
+    )
+    api = OpenAIApp(config, backend or {API_MODEL: EngineBackend(engine)})
+    transport = httpx.ASGITransport(app=api.app)
+    try:
+        async with httpx.AsyncClient(transport=transport, base_url="http://test") as http:
+            yield http, engine
+        stats = engine.stats()
+        # No request may outlive its response (leak check at teardown).
+        assert stats.num_running == 0 and stats.num_waiting == 0, stats
+    finally:
+        await engine.shutdown()

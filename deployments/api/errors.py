@@ -67,6 +67,24 @@ def service_unavailable(message: str, retry_after_s: int = 1) -> APIError:
     )
 
 
+def too_large(limit: int) -> APIError:
+    return APIError(
+        413,
+        f"The request body is larger than the limit of {limit} bytes.",
+        code="request_too_large",
+    )
+
+
+def request_timeout(timeout_s: float) -> APIError:
+    # 504, not 408: the server (not the client's upload) ran out of time; SDKs retry both.
+    return APIError(
+        504,
+        f"The request did not finish within {timeout_s:g} s.",
+        type="timeout",
+        code="request_timeout",
+    )
+
+
 def internal_error(message: str = "The server had an error processing the request.") -> APIError:
     return APIError(500, message, type="server_error", code="internal_error")
 

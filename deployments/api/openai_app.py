@@ -19,6 +19,7 @@ from typing import Any, Protocol, TypeVar
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from pydantic import BaseModel, ValidationError
+from starlette.exceptions import HTTPException
 
 from deployments.api import sse
 from deployments.api.errors import (
@@ -27,7 +28,9 @@ from deployments.api.errors import (
     from_validation_error,
     internal_error,
     model_not_found,
+    request_timeout,
     service_unavailable,
+    too_large,
 )
 from deployments.api.protocol import (
     AssistantMessage,
@@ -167,6 +170,7 @@ class OpenAIApp:
         }
         self.app = FastAPI(title="inference-cluster", docs_url=None, redoc_url=None)
         self.app.add_exception_handler(APIError, self._api_error)  # type: ignore[arg-type]
+        self.app.add_exception_handler(HTTPException, self._http_error)  # type: ignore[arg-type]
         self.app.add_exception_handler(Exception, self._unexpected_error)
         self.app.add_api_route("/health", self.health, methods=["GET"])
         self.app.add_api_route("/v1/models", self.list_models, methods=["GET"])
@@ -201,14 +205,14 @@ class OpenAIApp:
 
     async def completions(self, request: Request) -> Response:
         body = await self._parse(request, CompletionRequest)
-        served = self._served(body.model)
+        served = self._served_for(body)
         if isinstance(body.prompt, str):
             prompt_ids = await _off_loop_if_long(
                 served.tokenizer.encode_text, body.prompt, len(body.prompt)
             )
         else:
             prompt_ids = list(body.prompt)
-            _check_token_ids(prompt_ids, served.tokenizer.vocab_size)
+            _check_token_ids(prompt_ids, served.tokenizer.vocab_size, "prompt")
         max_tokens = body.max_tokens or 16
         _check_context(served.config, len(prompt_ids), max_tokens, "prompt")
         engine_request = _engine_request(
@@ -240,7 +244,7 @@ class OpenAIApp:
 
     async def chat_completions(self, request: Request) -> Response:
         body = await self._parse(request, ChatCompletionRequest)
-        served = self._served(body.model)
+        served = self._served_for(body)
         messages = [{"role": m.role, "content": m.text()} for m in body.messages]
         size = sum(len(m["content"]) for m in messages)
         prompt_ids = await _off_loop_if_long(served.tokenizer.encode_chat, messages, size)
@@ -278,27 +282,29 @@ class OpenAIApp:
     # ---- request path ---------------------------------------------------------------------------
 
     async def _parse(self, request: Request, model: type[Parsed]) -> Parsed:
+        _check_content_type(request.headers.get("content-type"))
         limit = self._config.max_body_bytes
         declared = request.headers.get("content-length")
         if declared is not None and declared.isdigit() and int(declared) > limit:
-            raise _too_large(limit)
+            raise too_large(limit)
         chunks: list[bytes] = []
         size = 0
         async for chunk in request.stream():  # bounded read: never buffer more than the limit
             size += len(chunk)
             if size > limit:
-                raise _too_large(limit)
+                raise too_large(limit)
             chunks.append(chunk)
+        data = parse_json_object(b"".join(chunks), self._config.limits.max_json_depth)
         try:
-            data = json.loads(b"".join(chunks))
-        except (ValueError, UnicodeDecodeError) as exc:
-            raise bad_request(f"The request body is not valid JSON: {exc}") from None
-        if not isinstance(data, dict):
-            raise bad_request("The request body must be a JSON object.")
-        try:
-            return model.model_validate(data)
+            return model.model_validate(data, context=self._config.limits)
         except ValidationError as exc:
             raise from_validation_error(exc) from None
+
+    def _served_for(self, body: CompletionRequest | ChatCompletionRequest) -> ServedModel:
+        """The requested model, once the request's model-specific fields fit it."""
+        served = self._served(body.model)
+        _check_token_ids(body.stop_token_ids or (), served.tokenizer.vocab_size, "stop_token_ids")
+        return served
 
     def _served(self, model: str) -> ServedModel:
         served = self._models.get(model)
@@ -316,12 +322,7 @@ class OpenAIApp:
                 async for batch in stream:
                     yield batch
         except TimeoutError:
-            raise APIError(
-                504,
-                f"The request did not finish within {self._config.request_timeout_s:g} s.",
-                type="timeout",
-                code="request_timeout",
-            ) from None
+            raise request_timeout(self._config.request_timeout_s) from None
         except (UnavailableError, EngineDeadError) as exc:
             message = f"model {served.config.name!r} is unavailable: {exc}"
             raise service_unavailable(message) from exc
@@ -460,6 +461,11 @@ class OpenAIApp:
     async def _api_error(self, request: Request, exc: APIError) -> Response:
         return JSONResponse(exc.body(), exc.status, headers=exc.headers)
 
+    async def _http_error(self, request: Request, exc: HTTPException) -> Response:
+        # Starlette's own errors (405 wrong method, ...) in OpenAI's envelope too.
+        error = APIError(exc.status_code, str(exc.detail), code=f"http_{exc.status_code}")
+        return JSONResponse(error.body(), error.status, headers=exc.headers)
+
     async def _unexpected_error(self, request: Request, exc: Exception) -> Response:
         logger.exception("unhandled error on %s", request.url.path, exc_info=exc)
         error = internal_error()
@@ -499,26 +505,84 @@ def _check_context(
         )
 
 
-def _check_token_ids(token_ids: Sequence[int], vocab_size: int) -> None:
+def _check_token_ids(token_ids: Sequence[int], vocab_size: int, param: str) -> None:
     bad = next((t for t in token_ids if t >= vocab_size), None)
     if bad is not None:
         raise bad_request(
-            f"prompt: token id {bad} is outside the vocabulary (size {vocab_size}).", "prompt"
+            f"{param}: token id {bad} is outside the vocabulary (size {vocab_size}).", param
         )
+
+
+def _check_content_type(content_type: str | None) -> None:
+    """JSON or nothing (a bare `curl --data-binary` sends none); a form or text body is a 415.
+    vLLM refuses anything but application/json (as a 400); `+json` media types are JSON too."""
+    if content_type is None:
+        return
+    media_type = content_type.split(";", 1)[0].strip().lower()
+    if media_type != "application/json" and not media_type.endswith("+json"):
+        raise APIError(
+            415,
+            f"Unsupported content type {media_type!r}: send the body as application/json.",
+            code="unsupported_media_type",
+        )
+
+
+def parse_json_object(raw: bytes, max_depth: int) -> dict[str, Any]:
+    """The body as a JSON object, or a 400 saying what is wrong with it: not UTF-8, not JSON,
+    not an object, nested deeper than max_depth, or a string with an unpaired surrogate escape
+    (valid JSON, but no tokenizer can encode it)."""
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise bad_request(f"The request body is not valid UTF-8: {exc}") from None
+    try:
+        data = json.loads(text)
+    except RecursionError:  # the C scanner recurses per level: far too deep for any request
+        raise _too_deep(max_depth) from None
+    except ValueError as exc:
+        raise bad_request(f"The request body is not valid JSON: {exc}") from None
+    if not isinstance(data, dict):
+        raise bad_request("The request body must be a JSON object.")
+    # Iterative, so no body can exhaust the stack here (pydantic's validators recurse later).
+    stack: list[tuple[Any, int]] = [(data, 1)]
+    while stack:
+        value, depth = stack.pop()
+        if depth > max_depth:
+            raise _too_deep(max_depth)
+        items = value.items() if isinstance(value, dict) else enumerate(value)
+        for key, item in items:
+            for text_value in (key, item):
+                if isinstance(text_value, str) and not _encodable(text_value):
+                    raise bad_request(
+                        "The request body has a string with an unpaired UTF-16 surrogate "
+                        "escape (\\ud800-\\udfff must come in pairs)."
+                    )
+            if isinstance(item, (dict, list)):
+                stack.append((item, depth + 1))
+    return data
+
+
+def _encodable(text: str) -> bool:
+    if text.isascii():
+        return True
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
+def _too_deep(max_depth: int) -> APIError:
+    return bad_request(
+        f"The request body nests arrays and objects deeper than {max_depth} levels.",
+        code="nesting_too_deep",
+    )
 
 
 async def _off_loop_if_long(fn: Callable[[Any], list[int]], arg: Any, size: int) -> list[int]:
     if size <= _TOKENIZE_INLINE_MAX_CHARS:
         return fn(arg)
     return await asyncio.to_thread(fn, arg)
-
-
-def _too_large(limit: int) -> APIError:
-    return APIError(
-        413,
-        f"The request body is larger than the limit of {limit} bytes.",
-        code="request_too_large",
-    )
 
 
 def _json(model: BaseModel) -> Response:

@@ -3,7 +3,9 @@
 Requests validate every field the engine will see (ranges, types, combinations) so that a bad
 request is a 400 naming the field, never an engine error. Unknown fields are ignored, as vLLM's
 OpenAI server does; known OpenAI fields we do not support are rejected when set, never silently
-dropped.
+dropped. Combinations are checked by field validators of the later field (pydantic hands them the
+earlier ones), so the error's `param` names the field to change. The configurable bounds
+(RequestLimits) come in as the validation context: `Model.model_validate(data, context=limits)`.
 """
 
 from __future__ import annotations
@@ -18,17 +20,21 @@ from pydantic import (
     NonNegativeInt,
     PositiveInt,
     StrictBool,
+    StrictInt,
+    ValidationInfo,
     field_validator,
-    model_validator,
 )
 
+from deployments.config import RequestLimits
 from deployments.engines.base import FinishReason, SamplingParams
 
-MAX_STOP_SEQUENCES = 16
-MAX_N = 16
-MAX_LOGPROBS = 20
-
 FiniteFloat = Annotated[float, Field(allow_inf_nan=False)]
+# Token ids are JSON integers: `true` or `1.0` is a client bug, not token 1.
+TokenId = Annotated[StrictInt, Field(ge=0)]
+
+
+def _limits(info: ValidationInfo) -> RequestLimits:
+    return info.context if isinstance(info.context, RequestLimits) else RequestLimits()
 
 
 class _Request(BaseModel):
@@ -48,10 +54,10 @@ class _SamplingFields(_Request):
     temperature: FiniteFloat | None = Field(None, ge=0.0, le=2.0)
     top_p: FiniteFloat | None = Field(None, gt=0.0, le=1.0)
     top_k: int | None = Field(None, ge=-1, description="vLLM extension; 0 or -1: off.")
-    n: PositiveInt = Field(1, le=MAX_N)
+    n: PositiveInt = 1
     seed: int | None = Field(None, ge=-(2**63), lt=2**63)
     stop: str | list[str] | None = None
-    stop_token_ids: list[NonNegativeInt] | None = Field(None, max_length=MAX_STOP_SEQUENCES)
+    stop_token_ids: list[TokenId] | None = None
     presence_penalty: FiniteFloat | None = Field(None, ge=-2.0, le=2.0)
     frequency_penalty: FiniteFloat | None = Field(None, ge=-2.0, le=2.0)
     ignore_eos: StrictBool = False
@@ -60,23 +66,52 @@ class _SamplingFields(_Request):
     user: str | None = Field(None, max_length=256)
     logit_bias: dict[str, float] | None = None
 
+    @field_validator("n")
+    @classmethod
+    def _n_bound(cls, n: int, info: ValidationInfo) -> int:
+        limit = _limits(info).max_n
+        if n > limit:
+            raise ValueError(f"at most {limit} choices per request")
+        return n
+
     @field_validator("stop")
     @classmethod
-    def _stop_list(cls, stop: str | list[str] | None) -> str | list[str] | None:
+    def _stop_list(
+        cls, stop: str | list[str] | None, info: ValidationInfo
+    ) -> str | list[str] | None:
+        limits = _limits(info)
         stops = [stop] if isinstance(stop, str) else (stop or [])
-        if len(stops) > MAX_STOP_SEQUENCES:
-            raise ValueError(f"at most {MAX_STOP_SEQUENCES} stop sequences")
+        if len(stops) > limits.max_stop_sequences:
+            raise ValueError(f"at most {limits.max_stop_sequences} stop sequences")
         if any(s == "" for s in stops):
             raise ValueError("stop sequences must not be empty")
+        if any(len(s) > limits.max_stop_chars for s in stops):
+            raise ValueError(f"a stop sequence has at most {limits.max_stop_chars} characters")
         return stop
 
-    @model_validator(mode="after")
-    def _combinations(self) -> _SamplingFields:
-        if self.stream_options is not None and not self.stream:
+    @field_validator("stop_token_ids")
+    @classmethod
+    def _stop_ids_bound(cls, ids: list[int] | None, info: ValidationInfo) -> list[int] | None:
+        limit = _limits(info).max_stop_sequences
+        if ids is not None and len(ids) > limit:
+            raise ValueError(f"at most {limit} stop token ids")
+        return ids
+
+    @field_validator("stream_options")
+    @classmethod
+    def _options_need_stream(
+        cls, options: StreamOptions | None, info: ValidationInfo
+    ) -> StreamOptions | None:
+        if options is not None and not info.data.get("stream"):
             raise ValueError("stream_options is only allowed when stream is true")
-        if self.logit_bias:
+        return options
+
+    @field_validator("logit_bias")
+    @classmethod
+    def _no_logit_bias(cls, bias: dict[str, float] | None) -> dict[str, float] | None:
+        if bias:
             raise ValueError("logit_bias is not supported")
-        return self
+        return bias
 
     @property
     def include_usage_chunk(self) -> bool:
@@ -104,9 +139,9 @@ class _SamplingFields(_Request):
 
 class CompletionRequest(_SamplingFields):
     # One prompt: text or token ids. (A batch of prompts in one request is not supported.)
-    prompt: str | list[NonNegativeInt] | list[str] | list[list[NonNegativeInt]]
+    prompt: str | list[TokenId] | list[str] | list[list[TokenId]]
     max_tokens: PositiveInt | None = 16  # OpenAI's default for completions.
-    logprobs: NonNegativeInt | None = Field(None, le=MAX_LOGPROBS)
+    logprobs: NonNegativeInt | None = None
     echo: StrictBool = False
     suffix: str | None = None
     best_of: PositiveInt | None = None
@@ -122,15 +157,31 @@ class CompletionRequest(_SamplingFields):
             raise ValueError("prompt must not be empty")
         return prompt
 
-    @model_validator(mode="after")
-    def _unsupported(self) -> CompletionRequest:
-        if self.echo:
+    @field_validator("logprobs")
+    @classmethod
+    def _logprobs_bound(cls, logprobs: int | None, info: ValidationInfo) -> int | None:
+        return _check_logprobs(logprobs, info)
+
+    @field_validator("echo")
+    @classmethod
+    def _no_echo(cls, echo: bool) -> bool:
+        if echo:
             raise ValueError("echo is not supported")
-        if self.suffix:
+        return echo
+
+    @field_validator("suffix")
+    @classmethod
+    def _no_suffix(cls, suffix: str | None) -> str | None:
+        if suffix:
             raise ValueError("suffix is not supported")
-        if self.best_of is not None and self.best_of != self.n:
+        return suffix
+
+    @field_validator("best_of")
+    @classmethod
+    def _best_of_is_n(cls, best_of: int | None, info: ValidationInfo) -> int | None:
+        if best_of is not None and best_of != info.data.get("n"):
             raise ValueError("best_of other than n is not supported")
-        return self
+        return best_of
 
 
 class TextPart(BaseModel):
@@ -164,19 +215,40 @@ class ChatCompletionRequest(_SamplingFields):
     max_tokens: PositiveInt | None = None
     max_completion_tokens: PositiveInt | None = None
     logprobs: StrictBool = False
-    top_logprobs: NonNegativeInt | None = Field(None, le=MAX_LOGPROBS)
+    top_logprobs: NonNegativeInt | None = None
     response_format: ResponseFormat | None = None
     tools: list[dict[str, Any]] | None = None
 
-    @model_validator(mode="after")
-    def _combinations_chat(self) -> ChatCompletionRequest:
-        if self.top_logprobs is not None and not self.logprobs:
+    @field_validator("messages")
+    @classmethod
+    def _messages_bound(
+        cls, messages: list[ChatMessage], info: ValidationInfo
+    ) -> list[ChatMessage]:
+        limit = _limits(info).max_messages
+        if len(messages) > limit:
+            raise ValueError(f"at most {limit} messages")
+        return messages
+
+    @field_validator("top_logprobs")
+    @classmethod
+    def _top_logprobs(cls, top: int | None, info: ValidationInfo) -> int | None:
+        if top is not None and not info.data.get("logprobs"):
             raise ValueError("top_logprobs requires logprobs to be true")
-        if self.response_format is not None and self.response_format.type != "text":
-            raise ValueError(f"response_format {self.response_format.type!r} is not supported")
-        if self.tools:
+        return _check_logprobs(top, info)
+
+    @field_validator("response_format")
+    @classmethod
+    def _text_only(cls, response_format: ResponseFormat | None) -> ResponseFormat | None:
+        if response_format is not None and response_format.type != "text":
+            raise ValueError(f"response_format {response_format.type!r} is not supported")
+        return response_format
+
+    @field_validator("tools")
+    @classmethod
+    def _no_tools(cls, tools: list[dict[str, Any]] | None) -> list[dict[str, Any]] | None:
+        if tools:
             raise ValueError("tools are not supported")
-        return self
+        return tools
 
     @property
     def requested_max_tokens(self) -> int | None:
@@ -185,6 +257,13 @@ class ChatCompletionRequest(_SamplingFields):
     @property
     def engine_logprobs(self) -> int | None:
         return (self.top_logprobs or 0) if self.logprobs else None
+
+
+def _check_logprobs(logprobs: int | None, info: ValidationInfo) -> int | None:
+    limit = _limits(info).max_logprobs
+    if logprobs is not None and logprobs > limit:
+        raise ValueError(f"at most {limit} log-probabilities per token")
+    return logprobs
 
 
 # ---- responses ----------------------------------------------------------------------------------

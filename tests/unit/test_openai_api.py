@@ -10,44 +10,19 @@ from typing import Any
 import httpx
 import pytest
 
-from deployments.api.openai_app import OpenAIApp
-from deployments.config import AppConfig, ModelConfig, RouterConfig
+from deployments.config import RequestLimits, RouterConfig
 from deployments.engines.profiles import ZERO_LATENCY
-from deployments.engines.simulated import SimulatedEngine
 from deployments.tokenizer import PromptTokenizer
-from tests.support import EngineBackend, parse_sse
+from tests.support import API_MAX_MODEL_LEN, API_MODEL, parse_sse, simulated_api
 
-MODEL = "tiny"
-MAX_MODEL_LEN = 1024
+MODEL = API_MODEL
+MAX_MODEL_LEN = API_MAX_MODEL_LEN
 
 
 @pytest.fixture
 async def client(embedded_model: Path) -> AsyncIterator[httpx.AsyncClient]:
-    tokenizer = PromptTokenizer(str(embedded_model))
-    engine = SimulatedEngine(
-        ZERO_LATENCY, seed=1, detokenize=tokenizer.decode, vocab_size=tokenizer.vocab_size
-    )
-    await engine.start()
-    config = AppConfig(
-        router=RouterConfig(max_body_bytes=64 * 1024),
-        models=[
-            ModelConfig(
-                name=MODEL,
-                engine="simulated",
-                source=str(embedded_model),
-                device="cpu",
-                max_model_len=MAX_MODEL_LEN,
-            )
-        ],
-    )
-    api = OpenAIApp(config, {MODEL: EngineBackend(engine)})
-    transport = httpx.ASGITransport(app=api.app)
-    async with httpx.AsyncClient(transport=transport, base_url="http://test") as http:
+    async with simulated_api(embedded_model, RouterConfig(max_body_bytes=64 * 1024)) as (http, _):
         yield http
-    stats = engine.stats()
-    await engine.shutdown()
-    # No request may outlive its response (leak check at teardown).
-    assert stats.num_running == 0 and stats.num_waiting == 0
 
 
 def chat(content: str = "Hello there", **extra: Any) -> dict[str, Any]:
@@ -158,30 +133,103 @@ def assert_error(response: httpx.Response, status: int, param: str | None = None
     return str(error["message"])
 
 
-@pytest.mark.parametrize(
-    ("path", "payload", "status", "param"),
-    [
-        ("/v1/chat/completions", chat(max_tokens=0), 400, "max_tokens"),
-        ("/v1/chat/completions", chat(temperature=3), 400, "temperature"),
-        ("/v1/chat/completions", chat(top_p=0), 400, "top_p"),
-        ("/v1/chat/completions", chat(n=0), 400, "n"),
-        ("/v1/chat/completions", chat(stop=[""]), 400, "stop"),
-        ("/v1/chat/completions", chat(stream_options={"include_usage": True}), 400, None),
-        ("/v1/chat/completions", chat(top_logprobs=2), 400, None),
-        ("/v1/chat/completions", chat(response_format={"type": "json_object"}), 400, None),
-        ("/v1/chat/completions", {"model": MODEL, "messages": []}, 400, "messages"),
-        ("/v1/chat/completions", {"model": MODEL, "messages": [{"role": "x"}]}, 400, None),
-        ("/v1/chat/completions", {"messages": [{"role": "user", "content": "a"}]}, 400, "model"),
-        ("/v1/chat/completions", chat(max_tokens="ten"), 400, "max_tokens"),
-        ("/v1/completions", {"model": MODEL, "prompt": ""}, 400, "prompt"),
-        ("/v1/completions", {"model": MODEL, "prompt": [10**9]}, 400, "prompt"),
-        ("/v1/completions", {"model": MODEL, "prompt": "a", "echo": True}, 400, None),
-    ],
-)
-async def test_bad_requests_get_400_in_openai_shape(
-    client: httpx.AsyncClient, path: str, payload: dict[str, Any], status: int, param: str | None
+CHAT, CMPL = "/v1/chat/completions", "/v1/completions"
+
+
+def cmpl(prompt: Any = "Hello", **extra: Any) -> dict[str, Any]:
+    return {"model": MODEL, "prompt": prompt, **extra}
+
+
+def user(content: Any) -> dict[str, Any]:
+    return {"model": MODEL, "messages": [{"role": "user", "content": content}]}
+
+
+# Every bad input of issue 7 that has a JSON body, with the status and `param` it must get.
+BAD_REQUESTS = [
+    # missing or wrongly typed fields
+    (CHAT, {"messages": [{"role": "user", "content": "a"}]}, 400, "model"),
+    (CHAT, {"model": MODEL}, 400, "messages"),
+    (CMPL, {"model": MODEL}, 400, "prompt"),
+    (CHAT, {**chat(), "model": 5}, 400, "model"),
+    (CHAT, chat(max_tokens="ten"), 400, "max_tokens"),
+    (CHAT, chat(max_tokens=2.5), 400, "max_tokens"),
+    (CHAT, chat(stream="yes"), 400, "stream"),
+    (CHAT, chat(user=5), 400, "user"),
+    (CHAT, chat(logprobs=5), 400, "logprobs"),
+    # sampling ranges
+    (CHAT, chat(temperature=3), 400, "temperature"),
+    (CHAT, chat(temperature=-0.1), 400, "temperature"),
+    (CHAT, chat(top_p=0), 400, "top_p"),
+    (CHAT, chat(top_p=1.5), 400, "top_p"),
+    (CHAT, chat(top_k=-2), 400, "top_k"),
+    (CHAT, chat(presence_penalty=2.5), 400, "presence_penalty"),
+    (CHAT, chat(frequency_penalty=-3), 400, "frequency_penalty"),
+    (CHAT, chat(seed=2**64), 400, "seed"),
+    # max_tokens
+    (CHAT, chat(max_tokens=0), 400, "max_tokens"),
+    (CHAT, chat(max_tokens=-1), 400, "max_tokens"),
+    (CHAT, chat(max_completion_tokens=0), 400, "max_completion_tokens"),
+    (CMPL, cmpl(max_tokens=MAX_MODEL_LEN), 400, "max_tokens"),
+    (CMPL, cmpl(max_tokens=10**30), 400, "max_tokens"),
+    # n, stop, logprobs
+    (CHAT, chat(n=0), 400, "n"),
+    (CHAT, chat(n=17), 400, "n"),
+    (CHAT, chat(stop=[""]), 400, "stop"),
+    (CHAT, chat(stop=[str(i) for i in range(17)]), 400, "stop"),
+    (CHAT, chat(stop="x" * 1025), 400, "stop"),
+    (CHAT, chat(stop=[1, 2]), 400, "stop"),
+    (CHAT, chat(stop_token_ids=[-1]), 400, "stop_token_ids.0"),
+    (CHAT, chat(stop_token_ids=[10**9]), 400, "stop_token_ids"),
+    (CHAT, chat(stop_token_ids=list(range(17))), 400, "stop_token_ids"),
+    (CHAT, chat(top_logprobs=2), 400, "top_logprobs"),
+    (CHAT, chat(logprobs=True, top_logprobs=21), 400, "top_logprobs"),
+    (CMPL, cmpl(logprobs=21), 400, "logprobs"),
+    (CMPL, cmpl(logprobs=-1), 400, "logprobs"),
+    # streams and unsupported features
+    (CHAT, chat(stream_options={"include_usage": True}), 400, "stream_options"),
+    (
+        CHAT,
+        chat(stream=True, stream_options={"include_usage": "y"}),
+        400,
+        "stream_options.include_usage",
+    ),
+    (CHAT, chat(stream=True, stream_options={"bogus": True}), 400, "stream_options.bogus"),
+    (CHAT, chat(response_format={"type": "json_object"}), 400, "response_format"),
+    (CHAT, chat(response_format={"type": "yaml"}), 400, "response_format.type"),
+    (CHAT, chat(tools=[{"type": "function"}]), 400, "tools"),
+    (CHAT, chat(logit_bias={"1": 5}), 400, "logit_bias"),
+    (CMPL, cmpl(echo=True), 400, "echo"),
+    (CMPL, cmpl(suffix="end"), 400, "suffix"),
+    (CMPL, cmpl(best_of=3), 400, "best_of"),
+    # malformed messages
+    (CHAT, {"model": MODEL, "messages": []}, 400, "messages"),
+    (CHAT, {"model": MODEL, "messages": "hi"}, 400, "messages"),
+    (CHAT, {"model": MODEL, "messages": [{"role": "x"}]}, 400, "messages.0.role"),
+    (CHAT, {"model": MODEL, "messages": [{"content": "a"}]}, 400, "messages.0.role"),
+    (CHAT, {"model": MODEL, "messages": ["hi"]}, 400, "messages.0"),
+    (CHAT, user(5), 400, "messages.0.content"),
+    (CHAT, user([{"type": "image_url", "image_url": {"url": "x"}}]), 400, "messages.0.content"),
+    # prompts and token ids
+    (CMPL, cmpl(""), 400, "prompt"),
+    (CMPL, cmpl([]), 400, "prompt"),
+    (CMPL, cmpl([[1], [2]]), 400, "prompt"),
+    (CMPL, cmpl([10**9]), 400, "prompt"),
+    (CMPL, cmpl([-1]), 400, "prompt"),
+    (CMPL, cmpl([True, False]), 400, "prompt"),
+    (CMPL, cmpl([1.5]), 400, "prompt"),
+    # unknown model
+    (CHAT, {**chat(), "model": "gpt-9"}, 404, "model"),
+    (CMPL, cmpl(model="../../etc/passwd"), 404, "model"),
+]
+
+
+@pytest.mark.parametrize(("path", "payload", "status", "param"), BAD_REQUESTS)
+async def test_bad_requests_get_4xx_in_openai_shape(
+    client: httpx.AsyncClient, path: str, payload: dict[str, Any], status: int, param: str
 ) -> None:
-    assert_error(await client.post(path, json=payload), status, param)
+    response = await client.post(path, json=payload)
+    assert_error(response, status, param)
+    assert response.json()["error"]["type"] == "invalid_request_error"
 
 
 async def test_unknown_model_is_404(client: httpx.AsyncClient) -> None:
@@ -206,18 +254,84 @@ async def test_context_length_names_both_numbers(client: httpx.AsyncClient) -> N
     assert str(MAX_MODEL_LEN) in message and f"max_tokens is {MAX_MODEL_LEN}" in message
 
 
-@pytest.mark.parametrize("content", [b"{not json", b"\xff\xfe", b"[1, 2]", b'"text"', b""])
-async def test_unparseable_bodies(client: httpx.AsyncClient, content: bytes) -> None:
+@pytest.mark.parametrize(
+    ("content", "code"),
+    [
+        (b"{not json", None),
+        (b"\xff\xfe", None),  # not UTF-8
+        (b'{"model": "\xc3\x28"}', None),  # invalid UTF-8 inside a string
+        (b"[1, 2]", None),
+        (b'"text"', None),
+        (b"null", None),
+        (b"", None),
+        (b'{"model": "tiny", "x": ' + b"[" * 33 + b"]" * 33 + b"}", "nesting_too_deep"),
+        # Deep enough to exhaust the recursion of Python's JSON parser itself.
+        (b"[" * 20_000 + b"]" * 20_000, "nesting_too_deep"),
+        # Valid JSON that no tokenizer can encode (was a 500: the tokenizer raised).
+        (json.dumps(chat("\ud800 lone")).encode(), None),
+        (json.dumps(cmpl("a\udfff")).encode(), None),
+    ],
+)
+async def test_unparseable_bodies(
+    client: httpx.AsyncClient, content: bytes, code: str | None
+) -> None:
     response = await client.post(
         "/v1/chat/completions", content=content, headers={"content-type": "application/json"}
     )
     assert_error(response, 400)
+    assert response.json()["error"]["code"] == code
 
 
-async def test_nan_temperature_is_refused(client: httpx.AsyncClient) -> None:
-    body = json.dumps(chat())[:-1] + ', "temperature": NaN}'
-    response = await client.post("/v1/chat/completions", content=body)
-    assert_error(response, 400, "temperature")
+@pytest.mark.parametrize("content_type", ["text/plain", "application/x-www-form-urlencoded"])
+async def test_wrong_content_type_is_415(client: httpx.AsyncClient, content_type: str) -> None:
+    response = await client.post(
+        "/v1/chat/completions", content=json.dumps(chat()), headers={"content-type": content_type}
+    )
+    assert_error(response, 415)
+
+
+async def test_json_content_types_are_accepted(client: httpx.AsyncClient) -> None:
+    for content_type in ("application/json; charset=utf-8", "application/vnd.api+json"):
+        response = await client.post(
+            "/v1/chat/completions",
+            content=json.dumps(chat(max_tokens=1)),
+            headers={"content-type": content_type},
+        )
+        assert response.status_code == 200, response.text
+
+
+async def test_wrong_method_is_405_in_openai_shape(client: httpx.AsyncClient) -> None:
+    assert_error(await client.get("/v1/chat/completions"), 405)
+
+
+@pytest.mark.parametrize("literal", ["NaN", "Infinity", "-Infinity"])
+async def test_non_finite_sampling_values_are_refused(
+    client: httpx.AsyncClient, literal: str
+) -> None:
+    for field in ("temperature", "top_p", "presence_penalty", "frequency_penalty"):
+        body = json.dumps(chat())[:-1] + f', "{field}": {literal}}}'
+        assert_error(await client.post("/v1/chat/completions", content=body), 400, field)
+
+
+async def test_limits_are_configurable(embedded_model: Path) -> None:
+    limits = RequestLimits(
+        max_json_depth=4, max_n=2, max_logprobs=1, max_stop_sequences=1, max_stop_chars=3,
+        max_messages=1,
+    )  # fmt: skip
+    async with simulated_api(embedded_model, RouterConfig(limits=limits)) as (http, _):
+        for payload, param in [
+            (chat(n=3), "n"),
+            (chat(logprobs=True, top_logprobs=2), "top_logprobs"),
+            (chat(stop=["a", "b"]), "stop"),
+            (chat(stop="abcd"), "stop"),
+            (chat(stop_token_ids=[1, 2]), "stop_token_ids"),
+            ({"model": MODEL, "messages": [{"role": "user", "content": "a"}] * 2}, "messages"),
+        ]:
+            assert_error(await http.post("/v1/chat/completions", json=payload), 400, param)
+        deep = chat(metadata={"a": {"b": {"c": {}}}})
+        assert_error(await http.post("/v1/chat/completions", json=deep), 400)
+        ok = chat(n=2, stop="abc", max_tokens=1, metadata={"a": {"b": 1}})
+        assert (await http.post("/v1/chat/completions", json=ok)).status_code == 200
 
 
 async def test_oversized_body_is_413(client: httpx.AsyncClient) -> None:
