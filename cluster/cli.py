@@ -180,10 +180,13 @@ def _status(args: argparse.Namespace) -> int:
         for r in d.replicas:
             if r.stats is not None:
                 s = r.stats
+                p = r.predictions or {}
                 print(
                     f"  {r.replica.rsplit('#', 1)[-1]}: waiting {s['num_waiting']}, running "
                     f"{s['num_running']}, KV {s['kv_cache_usage']:.1%} of {s['num_total_blocks']}"
                     f" blocks, prefix hits {s['prefix_cache_hits']}/{s['prefix_cache_queries']}"
+                    f", cached tokens found/predicted by routers "
+                    f"{p.get('actual_cached_tokens', 0)}/{p.get('predicted_cached_tokens', 0)}"
                 )
             elif r.error is not None:
                 print(f"  {r.replica.rsplit('#', 1)[-1]}: {r.error}")

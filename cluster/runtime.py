@@ -108,6 +108,9 @@ class ReplicaStatus:
     replica: str  # the replica actor's name
     stats: dict[str, Any] | None
     error: str | None = None
+    # The routers' predictions of this replica's cache vs what its engine found, in tokens
+    # summed over the requests routed here (LLMServer.record_routing_stats()["predictions"]).
+    predictions: dict[str, int] | None = None
 
 
 @dataclass
@@ -159,6 +162,8 @@ def _replica_stats(actor_name: str, timeout_s: float) -> ReplicaStatus:
         actor = ray.get_actor(actor_name, namespace="serve")
         # The replica actor's own routing-stats call runs our LLMServer.record_routing_stats.
         routing_stats = ray.get(actor.record_routing_stats.remote(), timeout=timeout_s)
-        return ReplicaStatus(actor_name, routing_stats.get("stats"))
+        return ReplicaStatus(
+            actor_name, routing_stats.get("stats"), predictions=routing_stats.get("predictions")
+        )
     except Exception as exc:  # a replica starting or dying is a status, not a crash
         return ReplicaStatus(actor_name, None, f"{type(exc).__name__}: {exc}"[:200])

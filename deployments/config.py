@@ -90,7 +90,15 @@ class RoutingConfig(StrictModel):
     kv_event_window: PositiveInt = Field(
         2048,
         description="KV cache events each replica keeps for the routers to read; a router that "
-        "misses more than this between two polls drops its view of that replica.",
+        "misses more than this between two polls drops its view of that replica until the next "
+        "snapshot.",
+    )
+    kv_snapshot_every: PositiveInt = Field(
+        10,
+        description="Every this many stats reports, a replica also sends the list of every "
+        "block its cache holds, from which a router that (re)started or missed events rebuilds "
+        "its view: within kv_snapshot_every x stats_period_s. Larger: less traffic through "
+        "Serve's controller (the list is as long as the cache), slower rebuilds.",
     )
 
     @field_validator("policy")

@@ -8,19 +8,78 @@ on its own schedule; routers and the autoscaler consume what they return.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import uuid
 from collections.abc import AsyncIterator
 from typing import Any
 
+from ray import serve
+from ray.util import metrics
+
 from deployments.config import ModelConfig
 from deployments.engines.base import EngineOutput, EngineRequest, EngineStats
 from deployments.engines.factory import create_engine
 from deployments.routing.kv_log import KVEventLog
+from deployments.routing.policy import RoutingHint
 
 logger = logging.getLogger("ray.serve")
 
 _END = object()
+
+# How often engine KV events move into the log between stats reports: each event is stamped
+# when it enters the log, so this bounds how much of the measured staleness is hidden.
+_KV_DRAIN_PERIOD_S = 0.05
+
+
+class _PredictionMetrics:
+    """How well the routers predicted this replica's prefix cache: per routed request, the
+    cached tokens the router believed this replica held vs those the engine found."""
+
+    def __init__(self, model: str) -> None:
+        tags = {"model": model}
+        self.predicted = metrics.Counter(
+            "routing_predicted_cached_tokens",
+            description="Prompt tokens the router predicted this replica had cached, summed "
+            "over the requests it routed here.",
+            tag_keys=("model",),
+        )
+        self.actual = metrics.Counter(
+            "routing_actual_cached_tokens",
+            description="Prompt tokens the engine found cached, summed over the same requests.",
+            tag_keys=("model",),
+        )
+        self.ratio = metrics.Histogram(
+            "routing_prediction_ratio",
+            description="Per request with a prediction: engine-reported cached tokens over "
+            "predicted ones (1: exact; below: the router believed blocks the engine had lost).",
+            boundaries=[0.01, 0.25, 0.5, 0.75, 0.9, 0.99, 1.01, 1.25, 2.0],
+            tag_keys=("model",),
+        )
+        for metric in (self.predicted, self.actual, self.ratio):
+            metric.set_default_tags(tags)
+        # The same, as totals the routing stats carry (for `inference-cluster status`).
+        self.requests = 0
+        self.predicted_tokens = 0
+        self.actual_tokens = 0
+
+    def record(self, predicted: int, actual: int) -> None:
+        self.requests += 1
+        self.predicted_tokens += predicted
+        self.actual_tokens += actual
+        # Ray's counters refuse an increment of 0.
+        if predicted:
+            self.predicted.inc(predicted)
+            self.ratio.observe(actual / predicted)
+        if actual:
+            self.actual.inc(actual)
+
+    def totals(self) -> dict[str, int]:
+        return {
+            "requests": self.requests,
+            "predicted_cached_tokens": self.predicted_tokens,
+            "actual_cached_tokens": self.actual_tokens,
+        }
 
 
 class LLMServer:
@@ -28,22 +87,43 @@ class LLMServer:
         self._model = model
         self._engine = create_engine(model)
         self._stats_version = 0
-        self._kv_log = KVEventLog(
-            incarnation=uuid.uuid4().hex, max_events=model.routing.kv_event_window
-        )
         await self._engine.start()
+        self._kv_log = KVEventLog(
+            incarnation=uuid.uuid4().hex,
+            max_events=model.routing.kv_event_window,
+            # The engine holds at most its cache's blocks, so the log's snapshot needs no more.
+            max_blocks=max(self._engine.stats().num_total_blocks, 1),
+        )
+        self._kv_drain_task = asyncio.create_task(self._drain_kv_events())
+        self._replica_id = serve.get_replica_context().replica_id.unique_id
+        self._predictions = _PredictionMetrics(model.name)
         logger.info("engine %s ready for model %s", model.engine, model.name)
 
-    async def generate(self, request: EngineRequest) -> AsyncIterator[list[EngineOutput]]:
+    async def _drain_kv_events(self) -> None:
+        while True:
+            self._kv_log.extend(self._engine.drain_kv_events())
+            await asyncio.sleep(_KV_DRAIN_PERIOD_S)
+
+    async def generate(
+        self, request: EngineRequest, routing: RoutingHint | None = None
+    ) -> AsyncIterator[list[EngineOutput]]:
         """Stream the request's outputs in batches: whatever the engine produced since the last
         yield goes out as one item, so a slow consumer costs one Ray object per batch, not per
-        token, and a fast one still gets every token at once (nothing waits to fill a batch)."""
+        token, and a fast one still gets every token at once (nothing waits to fill a batch).
+
+        `routing` is what our request router believed about this replica's cache (it adds it
+        to the call); the engine's answer is compared with it when the first output arrives."""
         queue: asyncio.Queue[Any] = asyncio.Queue()
         stream = self._engine.generate(request)
+        predicted = None if routing is None else routing.predicted_tokens(self._replica_id)
 
         async def pump() -> None:
+            nonlocal predicted
             try:
                 async for output in stream:
+                    if predicted is not None:
+                        self._predictions.record(predicted, output.num_cached_tokens)
+                        predicted = None
                     queue.put_nowait(output)
                 queue.put_nowait(_END)
             except Exception as exc:  # handed to the consumer, which re-raises it
@@ -76,6 +156,11 @@ class LLMServer:
     async def check_health(self) -> None:
         await self._engine.check_health()
 
+    async def reset_prefix_cache(self) -> dict[str, Any]:
+        """Forget this replica's cached prefixes (e.g. after a weight update); the engine's
+        AllBlocksCleared event tells the routers. Refused while requests hold blocks."""
+        return {"replica": self._replica_id, "reset": await self._engine.reset_prefix_cache()}
+
     async def stats(self) -> EngineStats:
         """The engine's stats after a real health check (used by GET /health and `status`)."""
         await self._engine.check_health()
@@ -86,12 +171,14 @@ class LLMServer:
         (Serve's controller polls this and broadcasts it; see deployments/routing/kv_log.py)."""
         self._kv_log.extend(self._engine.drain_kv_events())
         self._stats_version += 1
+        snapshot = (self._stats_version - 1) % self._model.routing.kv_snapshot_every == 0
         return {
             # Serve re-sends every replica's last stats whenever any replica changes; the version
             # lets routers tell a fresh snapshot from a replay of one they already applied.
             "version": self._stats_version,
             "stats": self._engine.stats().model_dump(),
-            "kv_events": self._kv_log.window(),
+            "kv_events": self._kv_log.window(with_snapshot=snapshot),
+            "predictions": self._predictions.totals(),
         }
 
     def record_autoscaling_stats(self) -> dict[str, float]:
@@ -103,4 +190,7 @@ class LLMServer:
         }
 
     async def __del__(self) -> None:
+        self._kv_drain_task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await self._kv_drain_task
         await self._engine.shutdown()

@@ -128,6 +128,10 @@ class Engine(Protocol):
 
     def stats(self) -> EngineStats: ...
 
+    async def reset_prefix_cache(self) -> bool:
+        """Forget every cached prefix block (vLLM's reset_prefix_cache, e.g. after new weights);
+        False, changing nothing, while requests hold blocks."""
+
     def drain_kv_events(self) -> list[KVCacheEvent]:
         """Prefix-cache events since the last drain, oldest first, keyed by the router's block
         hashes (deployments/routing/hashing.py). Cheap and non-blocking: it only takes a buffer."""

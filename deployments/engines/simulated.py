@@ -32,6 +32,7 @@ from dataclasses import dataclass
 from typing import Protocol
 
 from deployments.engines.base import (
+    AllBlocksCleared,
     BlocksRemoved,
     BlocksStored,
     EngineDeadError,
@@ -309,6 +310,17 @@ class SimulatedEngineCore:
             prefix_cache_queries=self._queries,
             prefix_cache_hits=self._hits,
         )
+
+    def reset_prefix_cache(self) -> bool:
+        """Forget every cached block, as vLLM's reset_prefix_cache: refused (False) while any
+        request holds blocks, since their blocks could not be forgotten."""
+        if self._requests:
+            return False
+        for block in self._hash_to_block.values():
+            self._block_hash[block] = None
+        self._hash_to_block.clear()
+        self._emit_event(AllBlocksCleared())
+        return True
 
     def drain_kv_events(self) -> list[KVCacheEvent]:
         """KV cache events since the last drain, oldest first."""
@@ -619,6 +631,9 @@ class SimulatedEngine:
 
     def stats(self) -> EngineStats:
         return self._core.stats()
+
+    async def reset_prefix_cache(self) -> bool:
+        return self._core.reset_prefix_cache()
 
     def drain_kv_events(self) -> list[KVCacheEvent]:
         return self._core.drain_kv_events()

@@ -182,6 +182,11 @@ class VLLMEngine:
             prefix_cache_hits=scheduler.prefix_cache_hits,
         )
 
+    async def reset_prefix_cache(self) -> bool:
+        # vLLM refuses (False) while running requests hold blocks; on success its events say
+        # AllBlocksCleared, which reaches the routers like any other event.
+        return await self._require_llm().reset_prefix_cache()
+
     def drain_kv_events(self) -> list[KVCacheEvent]:
         """Prefix-cache events since the last drain, oldest first, keyed by our block hashes.
 

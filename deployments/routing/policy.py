@@ -66,11 +66,31 @@ class RoutingRequest:
             )
 
 
+@dataclass(frozen=True, slots=True)
+class RoutingHint:
+    """What the router believed when it routed a request, passed with it to the replica: per
+    candidate replica, the leading blocks of the prompt it was believed to hold. The replica
+    that serves the request compares its own entry with what its engine really found cached
+    (the prediction's accuracy; deployments/llm_server.py)."""
+
+    policy: str
+    block_size: int
+    predicted_cached_blocks: dict[str, int]  # replica id -> blocks; absent: none
+
+    def predicted_tokens(self, replica_id: str) -> int:
+        return self.predicted_cached_blocks.get(replica_id, 0) * self.block_size
+
+
 class RoutingPolicy(Protocol):
     async def rank(
         self, request: RoutingRequest, replicas: Sequence[ReplicaView]
     ) -> list[list[str]]:
         """Groups of candidate replica ids, best first; only ids of `replicas` appear."""
+
+    def cached_blocks(self, request: RoutingRequest) -> dict[str, int] | None:
+        """Per replica, the leading blocks of the request's prompt the policy believes it holds
+        (replicas holding none absent); None for a policy that keeps no view of the caches.
+        Called right after `rank` for the same request, so a policy may reuse its walk."""
 
     def on_routed(self, request: RoutingRequest, replica_id: str) -> None:
         """The request was sent to `replica_id`."""

@@ -26,7 +26,13 @@ from ray.util import metrics
 from deployments.engines.base import EngineRequest, EngineStats
 from deployments.routing.hashing import block_hashes
 from deployments.routing.kv_log import KVEventCursor
-from deployments.routing.policy import ReplicaView, RoutingPolicy, RoutingRequest, create_policy
+from deployments.routing.policy import (
+    ReplicaView,
+    RoutingHint,
+    RoutingPolicy,
+    RoutingRequest,
+    create_policy,
+)
 
 logger = logging.getLogger("ray.serve")
 
@@ -41,6 +47,7 @@ class PolicyRequestRouter(FIFOMixin, RequestRouter):
     def initialize_state(
         self, policy: str = "pow2", seed: int | None = None, **params: Any
     ) -> None:
+        self._policy_name = policy
         self._policy: RoutingPolicy = create_policy(policy, rng=random.Random(seed), **params)
         self._cursor = KVEventCursor()
         self._stats: dict[str, EngineStats] = {}
@@ -54,9 +61,23 @@ class PolicyRequestRouter(FIFOMixin, RequestRouter):
             boundaries=[0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1, 2, 5, 10],
             tag_keys=("deployment", "policy"),
         )
-        self._decision_ms.set_default_tags(
-            {"deployment": self._deployment_id.name, "policy": policy}
+        self._staleness_ms = metrics.Histogram(
+            "router_kv_event_staleness_ms",
+            description="Age of the oldest new KV cache event in each update a router applied: "
+            "how far its view of a replica's cache lagged the engine.",
+            boundaries=[10, 50, 100, 250, 500, 1000, 2000, 5000, 10000],
+            tag_keys=("deployment",),
         )
+        self._resyncs = metrics.Counter(
+            "router_kv_view_resyncs",
+            description="Times a router rebuilt its view of a replica's cache from a snapshot "
+            "(after it started or missed events).",
+            tag_keys=("deployment",),
+        )
+        tags = {"deployment": self._deployment_id.name}
+        self._decision_ms.set_default_tags({**tags, "policy": policy})
+        self._staleness_ms.set_default_tags(tags)
+        self._resyncs.set_default_tags(tags)
 
     def update_replicas(self, replicas: list[RunningReplica]) -> None:
         before = set(self._stats) | set(self._in_flight)
@@ -87,9 +108,13 @@ class PolicyRequestRouter(FIFOMixin, RequestRouter):
         if not delta.complete:
             # More events happened than the window kept: what this router believed about the
             # replica's cache may now be wrong. Forget it rather than route on stale blocks; the
-            # replica is re-learned from routing and from its next events.
+            # view is rebuilt from the replica's next snapshot.
             logger.info("KV event gap for replica %s: dropping its cached view", replica_id)
             self._policy.on_replica_removed(replica_id)
+        if delta.resynced:
+            self._resyncs.inc()
+        if delta.oldest_ts is not None:
+            self._staleness_ms.observe(max(time.time() - delta.oldest_ts, 0.0) * 1000)
         if delta.events:
             self._policy.on_kv_events(replica_id, delta.events)
 
@@ -154,6 +179,13 @@ class PolicyRequestRouter(FIFOMixin, RequestRouter):
             logger.exception("routing policy failed; routing to any replica")
             return [candidate_replicas]
         self._decision_ms.observe((time.perf_counter() - started) * 1000)
+        predicted = self._policy.cached_blocks(request)
+        if predicted is not None and request.block_size is not None:
+            # Serve sends the call with these kwargs to whichever replica it takes from the
+            # groups; that replica compares its entry with what its engine finds cached.
+            pending_request.kwargs["routing"] = RoutingHint(
+                self._policy_name, request.block_size, predicted
+            )
         return [[by_id[i] for i in group if i in by_id] for group in ranked]
 
     def on_request_routed(

@@ -202,7 +202,8 @@ def test_cache_load_breaks_ties_at_random_and_per_seed() -> None:
 
 
 def test_cache_load_trades_cache_for_queue() -> None:
-    policy = create_policy("cache_load", rng=random.Random(0))
+    # The queue at full weight (the default counts it at a quarter), to see its term alone.
+    policy = create_policy("cache_load", rng=random.Random(0), queue_weight=1.0)
     policy.on_routed(request("warm", prompt(0)), "r0")
     policy.on_replica_stats("r0", stats(running=1, usage=1.0))  # no free KV: newcomers wait
     for i in range(1, 6):
@@ -218,7 +219,7 @@ def test_cache_load_requests_waiting_for_the_next_step_are_no_queue() -> None:
     # A report often catches requests that arrived during the step under way. With free KV they
     # are admitted at the next step; treating them as a queue for a whole stats period would
     # steer traffic away from every replica that just got some (the herd effect).
-    policy = create_policy("cache_load", rng=random.Random(0))
+    policy = create_policy("cache_load", rng=random.Random(0), queue_weight=1.0)
     policy.on_routed(request("warm", prompt(0)), "r0")
     policy.on_routed(request("a", prompt(1)), "r0")
     policy.on_replica_stats("r0", stats(waiting=2, running=0, usage=0.1))
@@ -229,7 +230,7 @@ def test_cache_load_requests_waiting_for_the_next_step_are_no_queue() -> None:
 
 
 def test_cache_load_waiting_requests_of_other_routers_count() -> None:
-    policy = create_policy("cache_load", rng=random.Random(0))
+    policy = create_policy("cache_load", rng=random.Random(0), queue_weight=1.0)
     for i in range(4):
         policy.on_routed(request(f"x{i}", prompt(i)), "r2")  # this router's mean: 160 tokens
     policy.on_routed(request("warm", prompt(0)), "r0")
@@ -373,3 +374,16 @@ def test_a_request_with_hashes_needs_its_block_size() -> None:
     with pytest.raises(ValueError, match="block_size"):
         RoutingRequest(request_id="x", block_hashes=(1,), num_prompt_tokens=16)
     RoutingRequest(request_id="y", block_hashes=(), num_prompt_tokens=3)  # too short to hash
+
+
+@pytest.mark.parametrize("name", sorted(POLICIES))
+def test_cached_blocks_is_the_view_the_decision_used(name: str) -> None:
+    policy = create_policy(name, rng=random.Random(0))
+    policy.on_routed(request("a", prompt(1)), "r1")
+    req = request("b", prompt(2))
+    rank(policy, views(0, 0), req)
+    predicted = policy.cached_blocks(req)
+    if name in CACHE_POLICIES:
+        assert predicted == {"r1": len(SYSTEM) // BLOCK}  # the shared prefix, not the question
+    else:
+        assert predicted is None  # no view of the caches, so no prediction

@@ -10,6 +10,7 @@ from collections.abc import Sequence
 import pytest
 
 from deployments.engines.base import (
+    AllBlocksCleared,
     BlocksRemoved,
     BlocksStored,
     Engine,
@@ -722,3 +723,21 @@ async def test_duplicate_request_id_is_refused() -> None:
     await stream.aclose()
     assert_idle(engine.core)
     await engine.shutdown()
+
+
+def test_reset_prefix_cache_forgets_every_block_and_says_so() -> None:
+    core = SimulatedEngineCore(make_profile())
+    prompt = prompt_of(4 * BS)
+    generate_all(core, make_request("a", prompt))
+    core.drain_kv_events()
+    # Like vLLM's, refused while a request holds blocks: nothing changes.
+    core.add_request(make_request("busy", prompt_of(BS, start=500)))
+    assert not core.reset_prefix_cache()
+    assert core.drain_kv_events() == []
+    run_all(core)
+    core.drain_kv_events()
+    assert core.reset_prefix_cache()
+    assert core.drain_kv_events() == [AllBlocksCleared()]
+    core.add_request(make_request("b", prompt))
+    first = outputs_by_choice(run_all(core))[("b", 0)][0]
+    assert first.num_cached_tokens == 0
