@@ -1,7 +1,9 @@
 """Decision cost of the routing policy: `python -m loadtest.bench_routing`.
 
 What one routing decision costs the router process, measured where it runs: the policy's `rank`
-plus its `on_routed` (index update and load accounting), with the prefix index already holding
+(the decision: the request waits for it) and, after it, `on_routed` (index update and load
+accounting: Serve calls it once the replica has accepted the request, so it delays only the
+decisions queued behind it on the event loop), with the prefix index already holding
 `--indexed-blocks` entries, `--replicas` candidates and prompts of `--prompt-tokens` tokens. The
 prompt's block hashes are computed before the clock starts (the router hashes once per request,
 whatever the policy); their cost is printed separately.
@@ -92,19 +94,21 @@ class _Bench:
     def views(self) -> list[ReplicaView]:
         return [ReplicaView(r, in_flight=self.in_flight[r]) for r in self.replicas]
 
-    def decide(self, req: RoutingRequest, views: list[ReplicaView]) -> tuple[int, int]:
-        """One timed decision: rank, then route to the caller's pick; (CPU, wall) nanoseconds."""
+    def decide(self, req: RoutingRequest, views: list[ReplicaView]) -> tuple[int, int, int]:
+        """One timed decision: rank, then route to the caller's pick; CPU nanoseconds of the
+        rank and of rank + on_routed, and wall nanoseconds of both."""
         policy = self.policy
         cpu_started = time.thread_time_ns()
         started = time.perf_counter_ns()
         groups = resolve(policy.rank(req, views))
+        ranked = time.thread_time_ns()
         chosen = groups[0][0]
         policy.on_routed(req, chosen)
         elapsed = time.perf_counter_ns() - started
-        cpu = time.thread_time_ns() - cpu_started
+        cpu = time.thread_time_ns()
         self.in_flight[chosen] += 1
         self.running.append((req.request_id, chosen))
-        return cpu, elapsed
+        return ranked - cpu_started, cpu - cpu_started, elapsed
 
     def settle(self) -> None:
         """Untimed: the oldest requests finish and every replica reports (nothing waiting)."""
@@ -125,19 +129,22 @@ class _Bench:
 
 def _run(
     bench: _Bench, make: Callable[[], RoutingRequest], decisions: int
-) -> tuple[list[float], list[float]]:
-    """Sorted CPU and wall times of the decisions, in microseconds."""
+) -> tuple[list[float], list[float], list[float]]:
+    """Sorted CPU times of the ranks and of rank + on_routed, and wall times of both, in
+    microseconds."""
+    rank_us: list[float] = []
     cpu_us: list[float] = []
     wall_us: list[float] = []
     for i in range(decisions):
         req = make()
         views = bench.views()
-        cpu, wall = bench.decide(req, views)
+        rank, cpu, wall = bench.decide(req, views)
+        rank_us.append(rank / 1000)
         cpu_us.append(cpu / 1000)
         wall_us.append(wall / 1000)
         if i % 64 == 63:
             bench.settle()
-    return sorted(cpu_us), sorted(wall_us)
+    return sorted(rank_us), sorted(cpu_us), sorted(wall_us)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -179,8 +186,9 @@ def main(argv: list[str] | None = None) -> int:
     )
     print(f"hashing one prompt (not in the decision): {hash_us:.0f} us")
     print(
-        "\n| scenario | decisions | CPU p50 (us) | CPU p99 (us) | CPU max (us) | wall p50 (us) "
-        "| wall p99 (us) |\n|---|---|---|---|---|---|---|"
+        "\n| scenario | decisions | rank CPU p50 (us) | rank CPU p99 (us) | rank + on_routed CPU "
+        "p50 (us) | p99 (us) | max (us) | wall p50 (us) | wall p99 (us) |\n"
+        "|---|---|---|---|---|---|---|---|---|"
     )
     scenarios: dict[str, Callable[[], RoutingRequest]] = {
         "mixed": lambda: bench.mixed()[0],
@@ -188,10 +196,11 @@ def main(argv: list[str] | None = None) -> int:
         "cold": lambda: bench.request(bench._chain(bench.num_blocks)),
     }
     for name, make in scenarios.items():
-        cpu, wall = _run(bench, make, args.decisions)
+        rank, cpu, wall = _run(bench, make, args.decisions)
         print(
-            f"| {name} | {len(cpu)} | {_percentile(cpu, 50):.1f} | {_percentile(cpu, 99):.1f} | "
-            f"{cpu[-1]:.1f} | {_percentile(wall, 50):.1f} | {_percentile(wall, 99):.1f} |"
+            f"| {name} | {len(cpu)} | {_percentile(rank, 50):.1f} | {_percentile(rank, 99):.1f} "
+            f"| {_percentile(cpu, 50):.1f} | {_percentile(cpu, 99):.1f} | {cpu[-1]:.1f} | "
+            f"{_percentile(wall, 50):.1f} | {_percentile(wall, 99):.1f} |"
         )
     print(
         f"\nindex after the runs: {index.stored:,} entries (cap {args.indexed_blocks:,}), "
