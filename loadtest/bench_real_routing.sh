@@ -31,8 +31,14 @@ def hits(name):
     return sum(s["prefix_cache_hits"] for s in stats), sum(s["prefix_cache_queries"] for s in stats)
 (h0, q0), (h1, q1) = hits("before"), hits("after")
 s = json.load(open(f"{out}/{policy}/summary.json"))
+# The routers' predictions of each replica's cache vs what the engines found (policies with a
+# prefix index only): the prediction's accuracy.
+predictions = [r["predictions"] for d in json.load(open(f"{out}/{policy}.after.json")) for r in d["replicas"] if r.get("predictions")]
+predicted = sum(p["predicted_cached_tokens"] for p in predictions)
+found = sum(p["actual_cached_tokens"] for p in predictions)
+accuracy = f", cached tokens found/predicted {found}/{predicted}" if predicted else ""
 print(f"{policy}: engine hit rate {(h1 - h0) / max(q1 - q0, 1):.3f}, TTFT p50 {s['ttft_ms']['p50']:.1f} ms, "
-      f"p90 {s['ttft_ms']['p90']:.1f} ms, completed {s['completed']}, failed {s['failed']}")
+      f"p90 {s['ttft_ms']['p90']:.1f} ms, completed {s['completed']}, failed {s['failed']}{accuracy}")
 PY
 done
 echo "outputs in $out"
