@@ -505,19 +505,27 @@ class CacheLoad:
         # The guard: a replica over the bound ranks last whatever its cache holds.
         mean = sum(in_flight) / n
         bound = max(mean + params.spill_sigmas * math.sqrt(mean), params.spill_floor)
-        for i, count in enumerate(in_flight):
-            if count > bound:
-                scores[i] = math.inf
+        if max(in_flight) > bound:
+            for i, count in enumerate(in_flight):
+                if count > bound:
+                    scores[i] = math.inf
         if matches and len(matches) < self._replicas_needed(request.block_hashes[0], n):
             # The prefix draws more traffic than its holders can take at the fleet's mean load:
             # a holder above the mean is passed over, so the prefix spreads to one more replica.
             for i, matched in enumerate(map(matches.get, ids, repeat(0))):
                 if matched and in_flight[i] > mean:
                     scores[i] = math.inf
+        # The choice and the runner-up by C-level scans (this runs for every request).
         best = min(scores)
-        ties = [i for i, score in enumerate(scores) if score == best]
-        chosen = ties[0] if len(ties) == 1 else self._rng.choice(ties)
-        runner_up = min((i for i in range(n) if i != chosen), key=scores.__getitem__)
+        if scores.count(best) == 1:
+            chosen = scores.index(best)
+        else:
+            chosen = self._rng.choice([i for i, score in enumerate(scores) if score == best])
+        scores[chosen] = math.inf
+        second = min(scores)
+        runner_up = scores.index(second)
+        if runner_up == chosen:  # everything was passed over: the next one in order
+            runner_up = scores.index(second, chosen + 1)
         groups = [[ids[chosen]], [ids[runner_up]]]
         if n > 2:
             groups.append([ids[i] for i in range(n) if i != chosen and i != runner_up])

@@ -19,6 +19,7 @@ import pytest_asyncio
 from cluster.embedded_model import ensure_embedded_model
 from deployments.config import ModelConfig
 from deployments.engines.base import (
+    AllBlocksCleared,
     BlocksStored,
     Engine,
     EngineOutput,
@@ -286,6 +287,27 @@ async def test_kv_events_report_the_prompts_blocks_by_the_routers_hashes(
     # Everything the engine published in this module so far was translatable, and none was lost.
     losses = engine.kv_event_losses()
     assert (losses.untranslated_blocks, losses.missed_batches, losses.dropped_events) == (0, 0, 0)
+
+
+@in_engine_loop
+async def test_reset_prefix_cache_forgets_the_prompt_and_tells_the_routers(
+    engine: VLLMEngine,
+) -> None:
+    prompt = _random_prompt(600, seed=14)
+    await _collect(engine, _request(prompt, max_tokens=2, ignore_eos=True))
+
+    # vLLM refuses while any request still holds blocks; the finished one frees them at once.
+    assert await engine.reset_prefix_cache()
+
+    cleared: list[KVCacheEvent] = []
+
+    def reported() -> bool:
+        cleared.extend(e for e in engine.drain_kv_events() if isinstance(e, AllBlocksCleared))
+        return bool(cleared)
+
+    await _wait_until(reported, timeout_s=5.0)
+    again = await _collect(engine, _request(prompt, max_tokens=2, ignore_eos=True))
+    assert again[-1].num_cached_tokens == 0
 
 
 async def test_kv_event_subscriber_replays_batches_it_missed() -> None:
