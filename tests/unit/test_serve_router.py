@@ -48,11 +48,21 @@ class ReportingReplica(FakeRunningReplica):
         return self._routing_stats
 
 
-def report(log: KVEventLog, version: int) -> dict[str, Any]:
+def report(log: KVEventLog, version: int, *, snapshot: bool = False) -> dict[str, Any]:
     stats = EngineStats(
         num_waiting=0, num_running=0, kv_cache_usage=0.0, block_size=BLOCK, num_total_blocks=64
     )
-    return {"version": version, "stats": stats.model_dump(), "kv_events": log.window()}
+    window = log.window(with_snapshot=snapshot)
+    return {"version": version, "stats": stats.model_dump(), "kv_events": window}
+
+
+def new_router() -> PolicyRequestRouter:
+    router = PolicyRequestRouter(
+        deployment_id=DeploymentID(name="LLMServer-m", app_name="test"),
+        handle_source=DeploymentHandleSource.UNKNOWN,
+    )
+    router.initialize_state(policy="cache_load", seed=0)
+    return router
 
 
 def pending(request_id: str) -> PendingRequest:
@@ -87,11 +97,7 @@ def no_blocking_calls(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
 async def test_the_adapter_routes_by_engine_truth_without_waiting(
     no_blocking_calls: None,
 ) -> None:
-    router = PolicyRequestRouter(
-        deployment_id=DeploymentID(name="LLMServer-m", app_name="test"),
-        handle_source=DeploymentHandleSource.UNKNOWN,
-    )
-    router.initialize_state(policy="cache_load", seed=0)
+    router = new_router()
     logs = {"r0": KVEventLog("r0"), "r1": KVEventLog("r1")}
     # r1's engine reports the prompt's first 6 blocks cached.
     hashes = block_hashes(PROMPT, BLOCK)
@@ -117,3 +123,28 @@ async def test_the_adapter_routes_by_engine_truth_without_waiting(
     groups = finish_without_waiting(router.choose_replicas(replicas, request))
     assert groups[0][0].replica_id.unique_id == "r0"
     assert request.kwargs["routing"].predicted_tokens("r1") == 0
+
+
+async def test_a_restarted_router_rebuilds_its_view_from_the_snapshot(
+    no_blocking_calls: None,
+) -> None:
+    # The replica's window kept only its newest events: a router that starts now cannot replay
+    # how the prompt's blocks got there, so it learns them from the next snapshot.
+    logs = {"r0": KVEventLog("r0", max_events=2), "r1": KVEventLog("r1", max_events=2)}
+    hashes = block_hashes(PROMPT, BLOCK)
+    logs["r1"].extend([BlocksStored(block_hashes=tuple(hashes[:6]))])
+    logs["r1"].extend([BlocksStored(block_hashes=(i,)) for i in range(5)])  # unrelated, later
+    router = new_router()
+    replicas = [ReportingReplica(rid, report(log, 1)) for rid, log in logs.items()]
+    router.update_replicas(replicas)
+    await asyncio.sleep(0)
+    request = pending("a")
+    finish_without_waiting(router.choose_replicas(replicas, request))
+    assert request.kwargs["routing"].predicted_tokens("r1") == 0  # not known yet
+
+    replicas = [ReportingReplica(rid, report(log, 2, snapshot=True)) for rid, log in logs.items()]
+    router.update_replicas(replicas)
+    request = pending("b")
+    groups = finish_without_waiting(router.choose_replicas(replicas, request))
+    assert groups[0][0].replica_id.unique_id == "r1"
+    assert request.kwargs["routing"].predicted_tokens("r1") == 6 * BLOCK
