@@ -71,9 +71,10 @@ def main(argv: list[str] | None = None) -> int:
 
     print(
         "| workload | replicas | arrivals | policy | output tok/s | TTFT p50 | TTFT p90 | "
-        "TTFT p99 (ms) | hit rate | ideal | hit/ideal | load imb. | queue imb. |"
+        "TTFT p99 (ms) | hit rate | ideal | hit/ideal | load imb. | queue imb. | "
+        "cached found/predicted |"
     )
-    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
     commands: list[str] = []
     for workload in args.workloads:
         flags, kv_blocks = WORKLOADS[workload]
@@ -102,12 +103,15 @@ def main(argv: list[str] | None = None) -> int:
                     commands.append("loadtest simulate " + shlex.join(cmd))
                     ttft = summary["ttft_ms"]
                     hit, ideal = summary["cache_hit_rate"], summary["ideal_cache_hit_rate"]
+                    predicted = summary["cached_tokens_predicted"]
+                    found = summary["cached_tokens_found"] / predicted if predicted else None
                     print(
                         f"| {workload} | {replicas} | {label} | {name} | "
                         f"{_fmt(summary['output_throughput'])} | {_fmt(ttft['p50'])} | "
                         f"{_fmt(ttft['p90'])} | {_fmt(ttft['p99'])} | {hit:.3f} | {ideal:.3f} | "
                         f"{_fmt(hit / ideal if ideal else None, '.2f')} | "
-                        f"{summary['load_imbalance']:.2f} | {summary['queue_imbalance']:.2f} |",
+                        f"{summary['load_imbalance']:.2f} | {summary['queue_imbalance']:.2f} | "
+                        f"{_fmt(found, '.3f')} |",
                         flush=True,
                     )
     print("\nCommands, in table order:")

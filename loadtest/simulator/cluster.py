@@ -117,6 +117,10 @@ class SimulationResult:
     # averaged over the run; and the largest of these over their mean.
     mean_in_flight: dict[str, float]
     queue_imbalance: float
+    # Over completed requests the policy predicted for (none for policies without a cache
+    # view): cached prompt tokens it predicted at the chosen replica, and those the engine found.
+    cached_tokens_predicted: int = 0
+    cached_tokens_found: int = 0
 
     def figures(self) -> dict[str, Any]:
         """The simulate-only figures of summary.json."""
@@ -128,6 +132,8 @@ class SimulationResult:
             "replicas_over_time": [[t, n] for t, n in self.replicas_over_time],
             "replica_busy_s": self.busy_s,
             "replica_mean_in_flight": self.mean_in_flight,
+            "cached_tokens_predicted": self.cached_tokens_predicted,
+            "cached_tokens_found": self.cached_tokens_found,
         }
 
 
@@ -231,7 +237,16 @@ class _SessionRun:
 class _Flight:
     """One request between the client sending it and its last token."""
 
-    __slots__ = ("generated", "prompt", "record", "replica", "request", "run", "sampling")
+    __slots__ = (
+        "generated",
+        "predicted",
+        "prompt",
+        "record",
+        "replica",
+        "request",
+        "run",
+        "sampling",
+    )
 
     def __init__(
         self,
@@ -248,6 +263,8 @@ class _Flight:
         self.replica: _Replica | None = None
         # Only kept when a later turn needs the answer in its history.
         self.generated: list[int] | None = None
+        # Prompt tokens the policy believed its replica had cached (None: it keeps no view).
+        self.predicted: int | None = None
 
 
 class _Run:
@@ -295,6 +312,10 @@ class _Run:
         self._sampling: dict[int, SamplingParams] = {}
         self._ideal = IdealPrefixCache(self._block_size)
         self._last_end = 0.0
+        # Over the completed requests the policy made a prediction for: the cached prompt
+        # tokens it predicted at their replica, and those the engine found.
+        self._cached_predicted = 0
+        self._cached_found = 0
 
     # -- the loop ------------------------------------------------------------------------------
 
@@ -447,6 +468,9 @@ class _Run:
         flight.record.replica = replica.replica_id
         self._flights[request.request_id] = flight
         replica.add_in_flight(t, 1)
+        believed = self._policy.cached_blocks(request)
+        if believed is not None:
+            flight.predicted = believed.get(replica.replica_id, 0) * self._block_size
         self._policy.on_routed(request, replica.replica_id)
         if not replica.stepping:
             self._step(t, replica)
@@ -483,6 +507,9 @@ class _Run:
                     flight.generated.extend(tokens)
             if output.finish_reason is not None:
                 flight.record.cached_tokens = output.num_cached_tokens
+                if flight.predicted is not None:
+                    self._cached_predicted += flight.predicted
+                    self._cached_found += output.num_cached_tokens
                 self._finish(t, flight, _OK, None)
 
     def _on_stats(self, t: float, _: None) -> None:
@@ -614,6 +641,8 @@ class _Run:
             queue_imbalance=(
                 max(in_flight.values()) / mean_in_flight if mean_in_flight > 0 else 1.0
             ),
+            cached_tokens_predicted=self._cached_predicted,
+            cached_tokens_found=self._cached_found,
         )
 
 

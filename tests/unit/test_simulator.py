@@ -272,6 +272,9 @@ class Recorder:
             assert view.in_flight == self.in_flight[view.replica_id]
         return await self.inner.rank(request, replicas)
 
+    def cached_blocks(self, request: RoutingRequest) -> dict[str, int] | None:
+        return self.inner.cached_blocks(request)
+
     def on_routed(self, request: RoutingRequest, replica_id: str) -> None:
         self.routed.append(request.request_id)
         self.in_flight[replica_id] += 1
@@ -463,3 +466,18 @@ def test_simulate_command_refuses_a_model_without_a_simulated_engine(
     args = parser.parse_args(["simulate", "--config", str(config), "--out", str(tmp_path / "o")])
     assert args.handler(args) == 2
     assert "engine: simulated" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    ("policy", "predicts"), [("cache_load", True), ("prefix_affinity", True), ("pow2", False)]
+)
+def test_the_policys_cache_predictions_are_compared_with_the_engines(
+    policy: str, predicts: bool
+) -> None:
+    result = run_cli_workload(SHARED_PREFIX, replicas=2, policy=policy)
+    found = sum(r.cached_tokens for r in result.records)
+    if predicts:
+        assert result.cached_tokens_found == found > 0
+        assert result.cached_tokens_predicted > 0
+    else:  # no view of the caches: nothing predicted, nothing compared
+        assert (result.cached_tokens_predicted, result.cached_tokens_found) == (0, 0)
