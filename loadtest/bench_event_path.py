@@ -77,12 +77,18 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--config", type=Path, default=DEFAULT_CONFIG)
     parser.add_argument("--port", type=int, default=8000)
     parser.add_argument("--metrics-port", type=int, default=8089)
+    parser.add_argument(
+        "--router-replicas", type=int, default=2, help="Router replicas: each has its own view."
+    )
     parser.add_argument("--rate", type=float, default=8.0)
     parser.add_argument("--num-groups", type=int, default=16)
     parser.add_argument("--prompts-per-group", type=int, default=16)
     args = parser.parse_args(argv)
 
     config = load_config(args.config)
+    config = config.model_copy(
+        update={"router": config.router.model_copy(update={"num_replicas": args.router_replicas})}
+    )
     ray.init(
         address="local",
         num_cpus=config.ray.num_cpus or 8,
