@@ -158,7 +158,9 @@ class LLMServer:
 
     async def reset_prefix_cache(self) -> dict[str, Any]:
         """Forget this replica's cached prefixes (e.g. after a weight update); the engine's
-        AllBlocksCleared event tells the routers. Refused while requests hold blocks."""
+        AllBlocksCleared event tells the routers (vLLM publishes it with its next step, so an
+        idle engine's routers learn of it with the next request). Refused while requests hold
+        blocks."""
         return {"replica": self._replica_id, "reset": await self._engine.reset_prefix_cache()}
 
     async def stats(self) -> EngineStats:

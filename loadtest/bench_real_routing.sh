@@ -7,6 +7,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 out=${OUT:-$(mktemp -d)}
+mkdir -p "$out"
 policies=("${@:-pow2 cache_load}")
 for policy in ${policies[@]}; do
   config="$out/$policy.yaml"
