@@ -226,6 +226,51 @@ class RequestLimits(StrictModel):
     max_messages: PositiveInt = Field(4096, description="Most messages in one chat request.")
 
 
+class APIKeyConfig(StrictModel):
+    """One API key, by its SHA-256: the config (a file in git, a ConfigMap) never holds a key."""
+
+    sha256: str = Field(
+        pattern=r"^[0-9a-f]{64}$",
+        description='Hex SHA-256 of the key as clients send it (`printf %s "$KEY" | sha256sum`).',
+    )
+    tenant: str = Field(
+        min_length=1,
+        max_length=128,
+        description="Who the key belongs to: several keys may share a tenant (and its cache).",
+    )
+    requests_per_minute: PositiveInt | None = Field(
+        None, description="Requests this key may start per minute; none: unlimited."
+    )
+    tokens_per_minute: PositiveInt | None = Field(
+        None,
+        description="Prompt tokens plus max_tokens this key may ask for per minute; none: "
+        "unlimited.",
+    )
+
+
+class AuthConfig(StrictModel):
+    """API keys, tenants and per-key rate limits of the router."""
+
+    api_keys: list[APIKeyConfig] = Field(
+        default_factory=list,
+        description="Accepted keys; empty: no authentication (every request is one anonymous "
+        "tenant, unlimited).",
+    )
+    tenant_isolation: bool = Field(
+        True,
+        description="Salt each tenant's prefix-cache block hashes with its id, so tenants never "
+        "share cached blocks (nor learn each other's prompts from cache timing).",
+    )
+
+    @field_validator("api_keys")
+    @classmethod
+    def _unique_keys(cls, keys: list[APIKeyConfig]) -> list[APIKeyConfig]:
+        hashes = [k.sha256 for k in keys]
+        if len(set(hashes)) != len(hashes):
+            raise ValueError("each api_keys[].sha256 may appear once")
+        return keys
+
+
 class RouterConfig(StrictModel):
     """The router deployment: the OpenAI HTTP API in front of every model."""
 
@@ -239,6 +284,9 @@ class RouterConfig(StrictModel):
     )
     limits: RequestLimits = Field(
         default_factory=RequestLimits, description="Bounds of one request's fields."
+    )
+    auth: AuthConfig = Field(
+        default_factory=AuthConfig, description="API keys, tenants and rate limits."
     )
     request_timeout_s: PositiveFloat = Field(
         600.0, description="Deadline of one request; beyond it the engine request is aborted."

@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import json
-from collections.abc import AsyncIterator, Mapping
+import time
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from pathlib import Path
 
@@ -46,12 +47,13 @@ def parse_sse(body: str) -> tuple[list[dict], bool]:
 async def simulated_api(
     model_path: Path,
     router: RouterConfig,
-    backend: Mapping[str, ModelBackend] | None = None,
+    backend: Callable[[SimulatedEngine], ModelBackend] = EngineBackend,
+    clock: Callable[[], float] = time.monotonic,
 ) -> AsyncIterator[tuple[httpx.AsyncClient, SimulatedEngine]]:
     """The OpenAI app over one zero-latency simulated engine (model `tiny`), in process.
 
-    `backend` replaces the engine's backend (fault injection); the engine still runs so the
-    teardown can check that no request outlived its response.
+    `backend` wraps the engine (to record or inject faults); the teardown checks that no request
+    outlived its response.
     """
     tokenizer = PromptTokenizer(str(model_path))
     engine = SimulatedEngine(
@@ -70,7 +72,7 @@ async def simulated_api(
             )
         ],
     )
-    api = OpenAIApp(config, backend or {API_MODEL: EngineBackend(engine)})
+    api = OpenAIApp(config, {API_MODEL: backend(engine)}, clock=clock)
     transport = httpx.ASGITransport(app=api.app)
     try:
         async with httpx.AsyncClient(transport=transport, base_url="http://test") as http:

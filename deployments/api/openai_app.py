@@ -22,6 +22,7 @@ from pydantic import BaseModel, ValidationError
 from starlette.exceptions import HTTPException
 
 from deployments.api import sse
+from deployments.api.auth import Authenticator, Caller
 from deployments.api.errors import (
     APIError,
     bad_request,
@@ -162,8 +163,18 @@ class OpenAIApp:
     X-Request-Id is Serve's: its proxy accepts the client's or generates one, and echoes it.
     """
 
-    def __init__(self, config: AppConfig, backends: Mapping[str, ModelBackend]) -> None:
+    def __init__(
+        self,
+        config: AppConfig,
+        backends: Mapping[str, ModelBackend],
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
         self._config = config.router
+        self._clock = clock
+        # Each router replica keeps its own buckets, so each enforces its share of every limit.
+        self._auth = Authenticator(
+            config.router.auth, share=1 / config.router.num_replicas, now=clock()
+        )
         self._models = {
             m.name: ServedModel(m, PromptTokenizer(m.tokenizer_source), backends[m.name])
             for m in config.models
@@ -197,13 +208,16 @@ class OpenAIApp:
             return JSONResponse(error.body(), error.status, headers=error.headers)
         return JSONResponse({"status": "ok", "models": names})
 
-    async def list_models(self) -> ModelList:
+    async def list_models(self, request: Request) -> ModelList:
+        self._auth.authenticate(request.headers)
         return ModelList(data=[self._card(m) for m in self._models.values()])
 
-    async def get_model(self, model: str) -> ModelCard:
+    async def get_model(self, request: Request, model: str) -> ModelCard:
+        self._auth.authenticate(request.headers)
         return self._card(self._served(model))
 
     async def completions(self, request: Request) -> Response:
+        caller = self._auth.authenticate(request.headers)
         body = await self._parse(request, CompletionRequest)
         served = self._served_for(body)
         if isinstance(body.prompt, str):
@@ -215,13 +229,13 @@ class OpenAIApp:
             _check_token_ids(prompt_ids, served.tokenizer.vocab_size, "prompt")
         max_tokens = body.max_tokens or 16
         _check_context(served.config, len(prompt_ids), max_tokens, "prompt")
-        engine_request = _engine_request(
-            "cmpl", prompt_ids, body.sampling_params(max_tokens, body.logprobs)
+        engine_request, headers = self._admit(
+            caller, "cmpl", prompt_ids, body.sampling_params(max_tokens, body.logprobs)
         )
         outputs = self._generate(served, engine_request)
         if body.stream:
             return await self._stream(
-                outputs, self._completion_chunks(body, engine_request.request_id, outputs)
+                outputs, self._completion_chunks(body, engine_request.request_id, outputs), headers
             )
         acc = await self._collect(outputs, body.n)
         offset_logprobs = body.logprobs is not None
@@ -239,10 +253,12 @@ class OpenAIApp:
                     for i, c in enumerate(acc.choices)
                 ],
                 usage=acc.usage(),
-            )
+            ),
+            headers,
         )
 
     async def chat_completions(self, request: Request) -> Response:
+        caller = self._auth.authenticate(request.headers)
         body = await self._parse(request, ChatCompletionRequest)
         served = self._served_for(body)
         messages = [{"role": m.role, "content": m.text()} for m in body.messages]
@@ -253,13 +269,13 @@ class OpenAIApp:
             # Like vLLM: without a limit, generate until the context is full.
             max_tokens = max(served.config.max_model_len - len(prompt_ids), 1)
         _check_context(served.config, len(prompt_ids), max_tokens, "messages")
-        engine_request = _engine_request(
-            "chatcmpl", prompt_ids, body.sampling_params(max_tokens, body.engine_logprobs)
+        engine_request, headers = self._admit(
+            caller, "chatcmpl", prompt_ids, body.sampling_params(max_tokens, body.engine_logprobs)
         )
         outputs = self._generate(served, engine_request)
         if body.stream:
             return await self._stream(
-                outputs, self._chat_chunks(body, engine_request.request_id, outputs)
+                outputs, self._chat_chunks(body, engine_request.request_id, outputs), headers
             )
         acc = await self._collect(outputs, body.n)
         return _json(
@@ -276,7 +292,8 @@ class OpenAIApp:
                     for i, c in enumerate(acc.choices)
                 ],
                 usage=acc.usage(),
-            )
+            ),
+            headers,
         )
 
     # ---- request path ---------------------------------------------------------------------------
@@ -299,6 +316,24 @@ class OpenAIApp:
             return model.model_validate(data, context=self._config.limits)
         except ValidationError as exc:
             raise from_validation_error(exc) from None
+
+    def _admit(
+        self, caller: Caller, prefix: str, prompt_ids: list[int], sampling: SamplingParams
+    ) -> tuple[EngineRequest, dict[str, str]]:
+        """The engine request of a valid API request, once the caller's rate limits allow it
+        (else a 429), and the x-ratelimit-* headers of its answer."""
+        headers: dict[str, str] = {}
+        if caller.limiter is not None:
+            # OpenAI counts the prompt plus every choice's max_tokens against tokens per minute.
+            tokens = len(prompt_ids) + sampling.max_tokens * sampling.n
+            headers = caller.limiter.admit(tokens, self._clock())
+        request = EngineRequest(
+            request_id=f"{prefix}-{uuid.uuid4().hex}",
+            prompt_token_ids=tuple(prompt_ids),
+            sampling=sampling,
+            cache_salt=self._auth.cache_salt(caller),
+        )
+        return request, headers
 
     def _served_for(self, body: CompletionRequest | ChatCompletionRequest) -> ServedModel:
         """The requested model, once the request's model-specific fields fit it."""
@@ -341,7 +376,10 @@ class OpenAIApp:
         return acc
 
     async def _stream(
-        self, outputs: AsyncIterator[list[EngineOutput]], chunks: AsyncIterator[bytes]
+        self,
+        outputs: AsyncIterator[list[EngineOutput]],
+        chunks: AsyncIterator[bytes],
+        headers: Mapping[str, str],
     ) -> Response:
         """Start streaming only once the first chunk exists, so that a failure before the first
         token is still a plain HTTP error with the right status, not a 200 with an error event."""
@@ -364,7 +402,7 @@ class OpenAIApp:
                 return
             yield sse.DONE
 
-        return StreamingResponse(body(), media_type=sse.MEDIA_TYPE)
+        return StreamingResponse(body(), media_type=sse.MEDIA_TYPE, headers=headers)
 
     async def _completion_chunks(
         self,
@@ -476,14 +514,6 @@ class OpenAIApp:
         await JSONResponse(error.body(), error.status)(scope, receive, send)
 
 
-def _engine_request(prefix: str, prompt_ids: list[int], sampling: SamplingParams) -> EngineRequest:
-    return EngineRequest(
-        request_id=f"{prefix}-{uuid.uuid4().hex}",
-        prompt_token_ids=tuple(prompt_ids),
-        sampling=sampling,
-    )
-
-
 def _check_context(
     model: ModelConfig, prompt_tokens: int, max_tokens: int, prompt_param: str
 ) -> None:
@@ -585,5 +615,5 @@ async def _off_loop_if_long(fn: Callable[[Any], list[int]], arg: Any, size: int)
     return await asyncio.to_thread(fn, arg)
 
 
-def _json(model: BaseModel) -> Response:
-    return Response(model.model_dump_json(), media_type="application/json")
+def _json(model: BaseModel, headers: Mapping[str, str]) -> Response:
+    return Response(model.model_dump_json(), media_type="application/json", headers=headers)

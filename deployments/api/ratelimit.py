@@ -1,0 +1,117 @@
+"""Per-key rate limits: token buckets for requests and tokens per minute, as OpenAI enforces them.
+
+Pure logic with the clock passed in (no Ray, no time.time()), so it is tested with fake time.
+Each bucket holds up to a minute's allowance and refills continuously; a request takes one unit
+of the requests bucket and its token estimate (prompt tokens + max_tokens, as OpenAI counts
+against TPM) from the tokens bucket, from both or from neither.
+
+The headers are OpenAI's: x-ratelimit-limit-*, -remaining-* and -reset-* ("time until the limit
+resets to its initial state", in Go duration form such as "1s", "6m0s") for requests and tokens,
+on every answer, plus Retry-After (whole seconds) on a 429.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+from deployments.api.errors import APIError
+
+
+class TokenBucket:
+    """`capacity` units, refilled at `capacity / period_s` per second, starting full."""
+
+    def __init__(self, capacity: float, period_s: float, now: float) -> None:
+        self.capacity = capacity
+        self._rate = capacity / period_s
+        self._level = capacity
+        self._updated = now
+
+    def level(self, now: float) -> float:
+        # A clock that steps back (it should not) never drains the bucket.
+        elapsed = max(now - self._updated, 0.0)
+        self._level = min(self.capacity, self._level + elapsed * self._rate)
+        self._updated = max(now, self._updated)
+        return self._level
+
+    def wait_s(self, amount: float, now: float) -> float:
+        """Seconds until `amount` units are there (0: now; inf: more than the capacity)."""
+        if amount > self.capacity:
+            return math.inf
+        return max(amount - self.level(now), 0.0) / self._rate
+
+    def take(self, amount: float, now: float) -> None:
+        self._level = self.level(now) - amount
+
+    def reset_s(self, now: float) -> float:
+        """Seconds until the bucket is full again."""
+        return (self.capacity - self.level(now)) / self._rate
+
+
+@dataclass(frozen=True)
+class Limits:
+    requests_per_minute: float | None
+    tokens_per_minute: float | None
+
+
+class KeyRateLimiter:
+    """One key's requests and tokens buckets."""
+
+    PERIOD_S = 60.0
+
+    def __init__(self, limits: Limits, now: float) -> None:
+        self._buckets = {
+            kind: TokenBucket(per_minute, self.PERIOD_S, now)
+            for kind, per_minute in (
+                ("requests", limits.requests_per_minute),
+                ("tokens", limits.tokens_per_minute),
+            )
+            if per_minute is not None
+        }
+
+    def admit(self, tokens: int, now: float) -> dict[str, str]:
+        """Take one request and `tokens` tokens, and return the x-ratelimit-* headers; or raise
+        a 429 (with the same headers and Retry-After) and take nothing."""
+        wanted = {"requests": 1.0, "tokens": float(tokens)}
+        waits = {kind: b.wait_s(wanted[kind], now) for kind, b in self._buckets.items()}
+        blocked = {kind: w for kind, w in waits.items() if w > 0}
+        if not blocked:
+            for kind, bucket in self._buckets.items():
+                bucket.take(wanted[kind], now)
+            return self._headers(now)
+        kind, wait = max(blocked.items(), key=lambda item: item[1])
+        headers = self._headers(now)
+        limit = int(self._buckets[kind].capacity)
+        if math.isinf(wait):
+            # Larger than a whole minute's allowance: waiting cannot help, so no Retry-After.
+            message = (
+                f"Request too large: it needs {tokens} tokens (prompt + max_tokens) and this "
+                f"key's limit is {limit} tokens per minute. Lower max_tokens or the prompt."
+            )
+        else:
+            headers["Retry-After"] = str(max(math.ceil(wait), 1))
+            message = (
+                f"Rate limit reached for {kind} per minute (limit {limit}): try again in "
+                f"{_duration(wait)}."
+            )
+        raise APIError(
+            429, message, type=kind, param=None, code="rate_limit_exceeded", headers=headers
+        )
+
+    def _headers(self, now: float) -> dict[str, str]:
+        headers = {}
+        for kind, bucket in self._buckets.items():
+            headers[f"x-ratelimit-limit-{kind}"] = str(int(bucket.capacity))
+            headers[f"x-ratelimit-remaining-{kind}"] = str(max(math.floor(bucket.level(now)), 0))
+            headers[f"x-ratelimit-reset-{kind}"] = _duration(bucket.reset_s(now))
+        return headers
+
+
+def _duration(seconds: float) -> str:
+    """OpenAI's (Go's) duration form: "20ms", "1.5s", "6m0s"."""
+    if seconds < 1:
+        return f"{math.ceil(seconds * 1000)}ms"
+    if seconds < 60:
+        return f"{round(seconds, 3):g}s"
+    minutes, rest = divmod(seconds, 60)
+    return f"{int(minutes)}m{round(rest, 3):g}s"
