@@ -9,7 +9,7 @@ from typing import Any
 
 from ray import serve
 from ray.serve import Application
-from ray.serve.config import RequestRouterConfig
+from ray.serve.config import BackpressureConfig, RequestRouterConfig
 
 from deployments.config import AppConfig, deployment_name
 from deployments.llm_server import LLMServer
@@ -31,6 +31,8 @@ def build_app(args: AppConfig | dict[str, Any]) -> Application:
                 name=deployment_name(model.name),
                 num_replicas=model.num_replicas,
                 max_ongoing_requests=model.max_ongoing_requests,
+                # The router turns the handle's BackPressureError into an OpenAI-shaped 503.
+                max_queued_requests=model.max_queued_requests,
                 # The replica actor sits in the first bundle (which reserves replica_cpus for it
                 # on top of the first worker's share).
                 ray_actor_options={
@@ -61,6 +63,10 @@ def build_app(args: AppConfig | dict[str, Any]) -> Application:
         name=ROUTER_DEPLOYMENT,
         num_replicas=config.router.num_replicas,
         max_ongoing_requests=config.router.max_ongoing_requests,
+        max_queued_requests=config.router.max_queued_requests,
+        backpressure_config=BackpressureConfig(
+            status_code=503, retry_after_s=config.router.overload_retry_after_s
+        ),
         ray_actor_options={"num_cpus": config.router.cpus},
     )
     return router.bind(config, llm_servers)

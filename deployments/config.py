@@ -143,6 +143,12 @@ class ModelConfig(StrictModel):
     max_ongoing_requests: PositiveInt = Field(
         256, description="Requests one replica accepts at once (its engine batches them)."
     )
+    max_queued_requests: PositiveInt = Field(
+        512,
+        description="Requests each router replica holds for this model while every replica is "
+        "at max_ongoing_requests; beyond it a 503 with Retry-After (Serve's backpressure), "
+        "never an unbounded queue.",
+    )
     cpus_per_worker: NonNegativeFloat = Field(
         1.0, description="Logical CPUs reserved per tensor/pipeline worker in the placement group."
     )
@@ -288,8 +294,24 @@ class RouterConfig(StrictModel):
     auth: AuthConfig = Field(
         default_factory=AuthConfig, description="API keys, tenants and rate limits."
     )
+    max_queued_requests: PositiveInt = Field(
+        4096,
+        description="Requests the Serve proxy holds while every router replica is at "
+        "max_ongoing_requests; beyond it Serve's own 503 with Retry-After (a plain-text body).",
+    )
     request_timeout_s: PositiveFloat = Field(
-        600.0, description="Deadline of one request; beyond it the engine request is aborted."
+        600.0,
+        description="Deadline of one request, queueing included; beyond it a 504 (or an error "
+        "event once streaming) and the engine request is aborted.",
+    )
+    retry_attempts: PositiveInt = Field(
+        3,
+        description="Attempts of a request whose replica or engine dies before the first output "
+        "token (the client never sees those failures); after it the stream ends with an error "
+        "event.",
+    )
+    overload_retry_after_s: PositiveInt = Field(
+        1, description="Retry-After of a 503 for a model whose queue is full."
     )
     health_check_timeout_s: PositiveFloat = Field(
         10.0, description="How long GET /health waits for each model's replicas."

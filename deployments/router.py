@@ -10,16 +10,23 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 from ray import serve
-from ray.exceptions import RayActorError
+from ray.exceptions import NodeDiedError, ObjectLostError, RayActorError, WorkerCrashedError
 from ray.serve.exceptions import BackPressureError, DeploymentUnavailableError
 from ray.serve.handle import DeploymentHandle
 
-from deployments.api.openai_app import OpenAIApp, UnavailableError
+from deployments.api.openai_app import OpenAIApp, OverloadedError, UnavailableError
 from deployments.config import AppConfig
 from deployments.engines.base import EngineOutput, EngineRequest, EngineStats
 
-# What a handle raises when no replica can take a request right now: retryable, so 503.
-_UNAVAILABLE = (RayActorError, BackPressureError, DeploymentUnavailableError)
+# What a handle raises when the replica died under a request or none can take it right now:
+# retryable (the app retries before the first output, else answers 503).
+_UNAVAILABLE = (
+    RayActorError,
+    WorkerCrashedError,
+    NodeDiedError,
+    ObjectLostError,
+    DeploymentUnavailableError,
+)
 
 
 class ServeBackend:
@@ -36,6 +43,8 @@ class ServeBackend:
             async for batch in responses:
                 yield batch
             finished = True
+        except BackPressureError as exc:
+            raise OverloadedError(exc.message) from exc
         except _UNAVAILABLE as exc:
             raise UnavailableError(str(exc)) from exc
         finally:
@@ -46,7 +55,7 @@ class ServeBackend:
     async def stats(self) -> EngineStats:
         try:
             return await self._handle.stats.remote()
-        except _UNAVAILABLE as exc:
+        except (BackPressureError, *_UNAVAILABLE) as exc:
             raise UnavailableError(str(exc)) from exc
 
 

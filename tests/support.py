@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import time
 from collections.abc import AsyncIterator, Callable
-from contextlib import asynccontextmanager
+from contextlib import aclosing, asynccontextmanager
 from pathlib import Path
 
 import httpx
@@ -28,8 +28,10 @@ class EngineBackend:
         self.engine = engine
 
     async def generate(self, request: EngineRequest) -> AsyncIterator[list[EngineOutput]]:
-        async for output in self.engine.generate(request):
-            yield [output]
+        # Closing the engine's stream when this one closes early is what aborts the request.
+        async with aclosing(self.engine.generate(request)) as outputs:
+            async for output in outputs:
+                yield [output]
 
     async def stats(self) -> EngineStats:
         await self.engine.check_health()

@@ -57,13 +57,11 @@ def model_not_found(model: str) -> APIError:
     )
 
 
-def service_unavailable(message: str, retry_after_s: int = 1) -> APIError:
+def service_unavailable(
+    message: str, retry_after_s: int = 1, code: str = "service_unavailable"
+) -> APIError:
     return APIError(
-        503,
-        message,
-        type="server_error",
-        code="service_unavailable",
-        headers={"Retry-After": str(retry_after_s)},
+        503, message, type="server_error", code=code, headers={"Retry-After": str(retry_after_s)}
     )
 
 

@@ -81,7 +81,18 @@ class ModelBackend(Protocol):
 
 
 class UnavailableError(RuntimeError):
-    """No replica could take the request (dead, draining or none yet): retryable, 503."""
+    """The replica died or no replica could take the request (dead, draining or none yet):
+    retried before the first output, else a 503."""
+
+
+class OverloadedError(RuntimeError):
+    """The model's queue is full (Serve's backpressure): a 503 with Retry-After, not retried
+    here (the client's back-off is what relieves the queue)."""
+
+
+# A failure before the first output of an attempt: the request is re-sent after this pause
+# (doubling per attempt), as long as the deadline allows.
+_RETRY_BACKOFF_S = 0.1
 
 
 @dataclass
@@ -194,11 +205,17 @@ class OpenAIApp:
 
     async def health(self) -> Response:
         async def check(served: ServedModel) -> str | None:
-            try:
-                await asyncio.wait_for(served.backend.stats(), self._config.health_check_timeout_s)
-                return None
-            except Exception as exc:
-                return f"{type(exc).__name__}: {exc}"[:300]
+            # Each call reaches one replica: a model is healthy when some replica answers, so a
+            # dead one (until Serve replaces it) gets a few more tries to find a live one.
+            problem = None
+            for _ in range(self._config.retry_attempts):
+                try:
+                    timeout_s = self._config.health_check_timeout_s
+                    await asyncio.wait_for(served.backend.stats(), timeout_s)
+                    return None
+                except Exception as exc:
+                    problem = f"{type(exc).__name__}: {exc}"[:300]
+            return problem
 
         names = list(self._models)
         problems = await asyncio.gather(*(check(self._models[n]) for n in names))
@@ -350,21 +367,52 @@ class OpenAIApp:
     async def _generate(
         self, served: ServedModel, request: EngineRequest
     ) -> AsyncIterator[list[EngineOutput]]:
-        """The backend stream under the request deadline, with backend failures as APIErrors."""
-        stream = served.backend.generate(request)
-        try:
-            async with asyncio.timeout(self._config.request_timeout_s):
-                async for batch in stream:
+        """The backend stream under the request deadline, with backend failures as APIErrors.
+
+        A replica or engine that dies before the request's first output costs nothing but time:
+        the request goes out again (router.retry_attempts in all). The deadline applies only
+        while waiting on the backend, never while the client reads what it was given.
+        """
+        timeout_s = self._config.request_timeout_s
+        deadline = asyncio.get_running_loop().time() + timeout_s
+        for attempt in range(1, self._config.retry_attempts + 1):
+            stream = served.backend.generate(request)
+            started = False
+            try:
+                while True:
+                    async with asyncio.timeout_at(deadline):
+                        batch = await anext(stream, None)
+                    if batch is None:
+                        return
+                    started = True
                     yield batch
-        except TimeoutError:
-            raise request_timeout(self._config.request_timeout_s) from None
-        except (UnavailableError, EngineDeadError) as exc:
-            message = f"model {served.config.name!r} is unavailable: {exc}"
-            raise service_unavailable(message) from exc
-        finally:
-            # Closing the backend stream aborts the engine request when it has not finished
-            # (client gone, deadline, error): nothing keeps running for nobody.
-            await stream.aclose()  # type: ignore[attr-defined]
+            except TimeoutError:
+                raise request_timeout(timeout_s) from None
+            except OverloadedError as exc:
+                message = f"model {served.config.name!r} is overloaded: {exc}"
+                raise service_unavailable(
+                    message, self._config.overload_retry_after_s, code="overloaded"
+                ) from exc
+            except (UnavailableError, EngineDeadError) as exc:
+                if started or attempt == self._config.retry_attempts:
+                    message = f"model {served.config.name!r} is unavailable: {exc}"
+                    raise service_unavailable(message) from exc
+                logger.warning(
+                    "request %s: attempt %d failed before its first output (%s); retrying",
+                    request.request_id,
+                    attempt,
+                    type(exc).__name__,
+                )
+            finally:
+                # Closing the backend stream aborts the engine request when it has not finished
+                # (client gone, deadline, error): nothing keeps running for nobody.
+                await stream.aclose()  # type: ignore[attr-defined]
+            pause = min(
+                _RETRY_BACKOFF_S * 2 ** (attempt - 1), deadline - asyncio.get_running_loop().time()
+            )
+            if pause <= 0:
+                raise request_timeout(timeout_s)
+            await asyncio.sleep(pause)
 
     async def _collect(self, outputs: AsyncIterator[list[EngineOutput]], n: int) -> _Accumulator:
         acc = _Accumulator(n)

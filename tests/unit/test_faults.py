@@ -1,0 +1,145 @@
+"""Backend faults through the OpenAI app (in process): retries before the first output, error
+events after it, overload and deadlines. The teardown checks that no engine request leaked."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+from contextlib import aclosing
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from deployments.api.openai_app import OverloadedError, UnavailableError
+from deployments.config import RouterConfig
+from deployments.engines.base import EngineDeadError, EngineOutput, EngineRequest
+from deployments.engines.simulated import SimulatedEngine
+from tests.support import API_MODEL, EngineBackend, parse_sse, simulated_api
+
+
+class FaultyBackend(EngineBackend):
+    """Fails its first `early_failures` attempts before any output (as a replica that died),
+    or raises `late_failure` after the first output, or stalls `stall_s` between outputs."""
+
+    def __init__(
+        self,
+        engine: SimulatedEngine,
+        early_failures: int = 0,
+        early_error: type[Exception] = UnavailableError,
+        late_failure: Exception | None = None,
+        stall_s: float = 0.0,
+    ) -> None:
+        super().__init__(engine)
+        self.early_failures = early_failures
+        self.early_error = early_error
+        self.late_failure = late_failure
+        self.stall_s = stall_s
+        self.attempts = 0
+
+    async def generate(self, request: EngineRequest) -> AsyncIterator[list[EngineOutput]]:
+        self.attempts += 1
+        if self.attempts <= self.early_failures:
+            raise self.early_error("replica died")
+        # Closing the engine's stream on the way out is what the Serve backend's cancel does.
+        async with aclosing(super().generate(request)) as outputs:
+            async for batch in outputs:
+                yield batch
+                if self.late_failure is not None:
+                    raise self.late_failure
+                await asyncio.sleep(self.stall_s)
+
+
+def chat(**extra: Any) -> dict[str, Any]:
+    return {
+        "model": API_MODEL,
+        "messages": [{"role": "user", "content": "hello"}],
+        "max_tokens": 8,
+        **extra,
+    }
+
+
+def faulty(**kwargs: Any) -> tuple[list[FaultyBackend], Any]:
+    made: list[FaultyBackend] = []
+
+    def factory(engine: SimulatedEngine) -> FaultyBackend:
+        made.append(FaultyBackend(engine, **kwargs))
+        return made[0]
+
+    return made, factory
+
+
+@pytest.mark.parametrize("error", [UnavailableError, EngineDeadError])
+@pytest.mark.parametrize("stream", [False, True])
+async def test_failures_before_the_first_output_are_retried(
+    embedded_model: Path, error: type[Exception], stream: bool
+) -> None:
+    made, factory = faulty(early_failures=2, early_error=error)
+    async with simulated_api(embedded_model, RouterConfig(retry_attempts=3), factory) as (http, _):
+        response = await http.post("/v1/chat/completions", json=chat(stream=stream))
+        assert response.status_code == 200, response.text
+        if stream:
+            events, done = parse_sse(response.text)
+            assert done and all("error" not in e for e in events)
+    assert made[0].attempts == 3
+
+
+async def test_retries_are_bounded(embedded_model: Path) -> None:
+    made, factory = faulty(early_failures=10)
+    async with simulated_api(embedded_model, RouterConfig(retry_attempts=2), factory) as (http, _):
+        response = await http.post("/v1/chat/completions", json=chat())
+    assert response.status_code == 503 and "retry-after" in response.headers
+    assert response.json()["error"]["code"] == "service_unavailable"
+    assert made[0].attempts == 2
+
+
+async def test_overload_is_503_with_retry_after_and_not_retried(embedded_model: Path) -> None:
+    made, factory = faulty(early_failures=1, early_error=OverloadedError)
+    config = RouterConfig(overload_retry_after_s=7)
+    async with simulated_api(embedded_model, config, factory) as (http, _):
+        response = await http.post("/v1/chat/completions", json=chat())
+    assert response.status_code == 503
+    assert response.headers["retry-after"] == "7"
+    assert response.json()["error"] == {
+        "message": response.json()["error"]["message"],
+        "type": "server_error",
+        "param": None,
+        "code": "overloaded",
+    }
+    assert made[0].attempts == 1
+
+
+async def test_failure_after_the_first_byte_ends_the_stream_with_an_error_event(
+    embedded_model: Path,
+) -> None:
+    made, factory = faulty(late_failure=UnavailableError("replica died mid-stream"))
+    async with simulated_api(embedded_model, RouterConfig(), factory) as (http, _):
+        response = await http.post("/v1/chat/completions", json=chat(stream=True))
+        assert response.status_code == 200
+        events, done = parse_sse(response.text)
+        assert not done
+        assert set(events[-1]["error"]) == {"message", "type", "param", "code"}
+        assert events[-1]["error"]["code"] == "service_unavailable"
+        assert made[0].attempts == 1  # output was already sent: never retried
+        # Without streaming nothing was sent yet, but the failure is still after output: 503.
+        response = await http.post("/v1/chat/completions", json=chat())
+        assert response.status_code == 503
+
+
+async def test_deadline_is_504_and_aborts_the_engine_request(embedded_model: Path) -> None:
+    _, factory = faulty(stall_s=30.0)
+    config = RouterConfig(request_timeout_s=0.3)
+    async with simulated_api(embedded_model, config, factory) as (http, engine):
+        response = await asyncio.wait_for(
+            http.post("/v1/chat/completions", json=chat()), timeout=10
+        )
+        assert response.status_code == 504
+        assert response.json()["error"]["code"] == "request_timeout"
+        stream = await asyncio.wait_for(
+            http.post("/v1/chat/completions", json=chat(stream=True)), timeout=10
+        )
+        events, done = parse_sse(stream.text)
+        assert not done and events[-1]["error"]["code"] == "request_timeout"
+        # The simulated engine would have finished these in microseconds: what the teardown's
+        # leak check sees is that the router's abort reached it.
+        assert engine.stats().num_running == 0
