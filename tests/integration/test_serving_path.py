@@ -4,11 +4,14 @@ from __future__ import annotations
 
 import asyncio
 import time
+from typing import Any
 
 import httpx
 import openai
 import pytest
+from hypothesis import HealthCheck, given, settings
 
+from tests import fuzz
 from tests.integration.conftest import engine_counts
 
 pytestmark = pytest.mark.integration
@@ -105,3 +108,23 @@ async def test_disconnect_mid_stream_frees_the_engine(simulated_app: str) -> Non
             return
         await asyncio.sleep(0.5)
     pytest.fail(f"engine still running after the client left: {engine_counts()}")
+
+
+@settings(
+    max_examples=60,
+    derandomize=True,
+    database=None,
+    deadline=None,
+    suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture],
+)
+@given(request=fuzz.requests("sim"))
+def test_fuzzed_requests_over_http_never_get_a_5xx(
+    simulated_app: str, request: tuple[str, dict[str, Any]]
+) -> None:
+    """The in-process fuzz (tests/unit/test_fuzz_api.py), fewer cases, through Serve's proxy."""
+    path, body = request
+    with httpx.Client(base_url=simulated_app, timeout=60) as http:
+        response = http.post(
+            path, content=fuzz.encode(body), headers={"content-type": "application/json"}
+        )
+    fuzz.check_answer(response.status_code, response.headers.get("content-type", ""), response.text)
