@@ -97,7 +97,7 @@ def main(argv: list[str] | None = None) -> int:
         _metrics_export_port=args.metrics_port,
     )
     try:
-        runtime.deploy(config, host="127.0.0.1", port=args.port, timeout_s=300)
+        runtime.deploy(config.app_config(), host="127.0.0.1", port=args.port, timeout_s=300)
         with tempfile.TemporaryDirectory() as out:
             command = [
                 *(sys.executable, "-m", "loadtest", "run"),
