@@ -99,8 +99,9 @@ def _serve(args: argparse.Namespace) -> int:
     started = time.monotonic()
     print(f"config: {path}", flush=True)
     app_config = config.app_config()  # generates the embedded model on first use
-    stop = _stop_event()
     runtime.start_ray(config)
+    # After ray.init, which installs its own SIGTERM handler (sys.exit: no drain).
+    stop = _stop_event()
     try:
         runtime.deploy(
             app_config,
@@ -121,7 +122,13 @@ def _serve(args: argparse.Namespace) -> int:
             flush=True,
         )
         stop.wait()
-        print("stopping...", flush=True)
+        # Serve's shutdown stops the HTTP proxies at once, cutting every open stream: let the
+        # in-flight requests finish first (a second Ctrl-C still stops at once).
+        print(
+            f"draining in-flight requests (at most {config.ray.drain_timeout_s:g} s)...", flush=True
+        )
+        busy = runtime.drain(config.ray.drain_timeout_s)
+        print(f"stopping ({busy} requests still running)..." if busy else "stopping...", flush=True)
         return 0
     except runtime.DeployError as exc:
         print(f"error: {exc}", file=sys.stderr)

@@ -9,7 +9,7 @@ from importlib import resources
 from pathlib import Path
 
 import yaml
-from pydantic import Field, PositiveFloat, PositiveInt, ValidationError
+from pydantic import Field, NonNegativeFloat, PositiveFloat, PositiveInt, ValidationError
 
 from deployments.config import AppConfig, ModelConfig, StrictModel
 
@@ -35,6 +35,11 @@ class RayConfig(StrictModel):
     include_dashboard: bool = Field(True, description="Start the Ray dashboard (local Ray).")
     deploy_timeout_s: PositiveFloat = Field(
         900.0, description="How long `serve` waits for every replica to be ready."
+    )
+    drain_timeout_s: NonNegativeFloat = Field(
+        30.0,
+        description="On Ctrl-C or SIGTERM, how long `serve` lets in-flight requests finish "
+        "before it shuts Serve down (Kubernetes' default grace period is 30 s).",
     )
 
 

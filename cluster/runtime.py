@@ -122,6 +122,24 @@ class DeploymentStatus:
     replicas: list[ReplicaStatus]
 
 
+def drain(timeout_s: float, poll_s: float = 0.5) -> int:
+    """Wait until no engine runs or queues a request (two polls in a row, so a request between
+    the router and its replica is not missed), or until timeout_s; returns what is still busy."""
+    deadline = time.monotonic() + timeout_s
+    idle_polls = 0
+    while True:
+        busy = sum(
+            int(r.stats["num_running"]) + int(r.stats["num_waiting"])
+            for d in cluster_status()
+            for r in d.replicas
+            if r.stats is not None
+        )
+        idle_polls = idle_polls + 1 if busy == 0 else 0
+        if idle_polls >= 2 or time.monotonic() >= deadline:
+            return busy
+        time.sleep(poll_s)
+
+
 def cluster_status(timeout_s: float = 5.0) -> list[DeploymentStatus]:
     """Every deployment of the app, and for LLMServers each replica's engine stats."""
     app = serve.status().applications.get(APP_NAME)

@@ -304,6 +304,11 @@ class RouterConfig(StrictModel):
         description="Deadline of one request, queueing included; beyond it a 504 (or an error "
         "event once streaming) and the engine request is aborted.",
     )
+    graceful_shutdown_timeout_s: PositiveFloat = Field(
+        60.0,
+        description="How long a router replica that Serve stops (scale-down, rolling update) "
+        "lets its in-flight requests finish before they are cut.",
+    )
     retry_attempts: PositiveInt = Field(
         3,
         description="Attempts of a request whose replica or engine dies before the first output "

@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
 import uuid
 from collections.abc import AsyncIterator
 from typing import Any
@@ -18,7 +19,7 @@ from ray import serve
 from ray.util import metrics
 
 from deployments.config import ModelConfig
-from deployments.engines.base import EngineOutput, EngineRequest, EngineStats
+from deployments.engines.base import EngineDeadError, EngineOutput, EngineRequest, EngineStats
 from deployments.engines.factory import create_engine
 from deployments.routing.kv_log import KVEventLog
 from deployments.routing.policy import RoutingHint
@@ -127,6 +128,8 @@ class LLMServer:
                     queue.put_nowait(output)
                 queue.put_nowait(_END)
             except Exception as exc:  # handed to the consumer, which re-raises it
+                if isinstance(exc, EngineDeadError):
+                    _exit_with_dead_engine(exc)
                 queue.put_nowait(exc)
 
         pump_task = asyncio.create_task(pump())
@@ -154,7 +157,10 @@ class LLMServer:
         await self._engine.abort(request_id)
 
     async def check_health(self) -> None:
-        await self._engine.check_health()
+        try:
+            await self._engine.check_health()
+        except EngineDeadError as exc:
+            _exit_with_dead_engine(exc)
 
     async def reset_prefix_cache(self) -> dict[str, Any]:
         """Forget this replica's cached prefixes (e.g. after a weight update); the engine's
@@ -196,3 +202,16 @@ class LLMServer:
         with contextlib.suppress(asyncio.CancelledError):
             await self._kv_drain_task
         await self._engine.shutdown()
+
+
+def _exit_with_dead_engine(error: EngineDeadError) -> None:
+    """End the replica's process, as vLLM's own OpenAI server exits when its engine dies.
+
+    A dead engine never comes back, and until Serve's next health check its idle replica looks
+    the least loaded and draws the traffic. An exit makes every router drop the replica at once
+    (its in-flight calls fail with ActorDiedError, which the router retries elsewhere before
+    the first output) and Serve starts a replacement right away.
+    """
+    logger.error("the engine died (%s): exiting this replica so that Serve replaces it", error)
+    logging.shutdown()
+    os._exit(1)

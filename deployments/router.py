@@ -6,6 +6,7 @@ its `ModelBackend` protocol and hands the app to Serve.
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -50,7 +51,12 @@ class ServeBackend:
         finally:
             if not finished:
                 # Cancels the replica's generator, whose cleanup aborts the engine request.
-                responses.cancel()
+                # On Ray 2.60, cancel() re-raises the error of a request that failed to be
+                # assigned (it fetches the assignment's result): that error is already being
+                # handled, and letting cancel() raise it again replaced our OpenAI-shaped 503
+                # with Serve's plain-text one (found by tests/chaos/test_overload.py).
+                with contextlib.suppress(Exception):
+                    responses.cancel()
 
     async def stats(self) -> EngineStats:
         try:

@@ -395,7 +395,10 @@ class OpenAIApp:
                 ) from exc
             except (UnavailableError, EngineDeadError) as exc:
                 if started or attempt == self._config.retry_attempts:
-                    message = f"model {served.config.name!r} is unavailable: {exc}"
+                    # Ray's errors carry remote tracebacks: the client gets the kind only.
+                    logger.warning("request %s failed: %s", request.request_id, exc)
+                    cause = type(exc.__cause__ or exc).__name__
+                    message = f"model {served.config.name!r} is unavailable ({cause})"
                     raise service_unavailable(message) from exc
                 logger.warning(
                     "request %s: attempt %d failed before its first output (%s); retrying",

@@ -1,4 +1,5 @@
-"""`inference-cluster serve` as a user runs it: ready banner, a working curl, clean Ctrl-C."""
+"""`inference-cluster serve` as a user runs it: ready banner, a working curl, SIGTERM drains the
+in-flight stream and then stops everything."""
 
 from __future__ import annotations
 
@@ -25,7 +26,9 @@ def processes_in_session(sid: int) -> list[str]:
     return [row[2] for row in rows if len(row) == 3 and int(row[0]) == sid and "Z" not in row[1]]
 
 
-def test_serve_answers_then_stops_cleanly_on_ctrl_c(tmp_path: Path, embedded_model: Path) -> None:
+def test_serve_answers_then_drains_and_stops_cleanly_on_sigterm(
+    tmp_path: Path, embedded_model: Path
+) -> None:
     port = free_port()
     config = tmp_path / "cluster.yaml"
     config.write_text(
@@ -77,7 +80,21 @@ def test_serve_answers_then_stops_cleanly_on_ctrl_c(tmp_path: Path, embedded_mod
         assert response.json()["usage"]["completion_tokens"] == 4
         assert any("raylet" in p for p in processes_in_session(process.pid))
 
-        process.send_signal(signal.SIGINT)
+        # SIGTERM (what Kubernetes sends) with a stream in flight: it finishes before the exit.
+        with (
+            httpx.Client(timeout=60) as http,
+            http.stream(
+                "POST",
+                f"http://127.0.0.1:{port}/v1/completions",
+                json={"model": "sim", "prompt": "go", "max_tokens": 400, "stream": True},
+            ) as stream,
+        ):
+            lines = stream.iter_lines()
+            first = next(line for line in lines if line.startswith("data: "))
+            process.send_signal(signal.SIGTERM)
+            events = [first, *(line for line in lines if line.startswith("data: "))]
+        assert events[-1] == "data: [DONE]", events[-3:]
+        assert len(events) > 400  # every token arrived (one chunk each, then [DONE])
         process.wait(timeout=120)
     finally:
         if process.poll() is None:
