@@ -7,7 +7,7 @@ STAMP := $(VENV)/.installed
 CONFIG ?= cluster/configs/local.yaml
 PYTEST := $(BIN)/python -m pytest -q -p no:cacheprovider
 
-.PHONY: venv serve test test-fast test-integration test-e2e lint format lock bench-overhead clean
+.PHONY: venv serve test test-fast test-integration test-e2e test-chaos lint format lock bench-overhead clean
 
 venv: $(STAMP)
 
@@ -23,7 +23,8 @@ serve: $(STAMP)
 	$(BIN)/inference-cluster serve --config $(CONFIG)
 
 test: $(STAMP) lint
-	$(PYTEST) tests/unit tests/integration tests/e2e
+	@# The vLLM chaos test (an engine restart, minutes) runs in `make test-chaos` only.
+	$(PYTEST) tests/unit tests/integration tests/e2e tests/chaos --ignore=tests/chaos/test_chaos_vllm.py
 
 test-fast: $(STAMP)
 	$(PYTEST) tests/unit
@@ -33,6 +34,10 @@ test-integration: $(STAMP)
 
 test-e2e: $(STAMP)
 	$(PYTEST) tests/e2e
+
+# Replicas, routers and a vLLM engine process killed under load (tests/chaos).
+test-chaos: $(STAMP)
+	$(PYTEST) -s tests/chaos
 
 lint: $(STAMP)
 	$(BIN)/ruff check .
