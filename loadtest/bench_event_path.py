@@ -114,8 +114,8 @@ def main(argv: list[str] | None = None) -> int:
         ray.shutdown()
 
     print(
-        f"{args.config.name}: shared-prefix {args.num_groups} x {args.prompts_per_group}, "
-        f"{args.rate:g} req/s"
+        f"{args.config.name}, {args.router_replicas} router replicas: shared-prefix "
+        f"{args.num_groups} x {args.prompts_per_group}, {args.rate:g} req/s"
     )
     print(histogram(samples, "router_kv_event_staleness_ms") + " (ms)")
     print(histogram(samples, "router_decision_ms") + " (ms)")

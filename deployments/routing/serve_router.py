@@ -65,7 +65,7 @@ class PolicyRequestRouter(FIFOMixin, RequestRouter):
             "router_kv_event_staleness_ms",
             description="Age of the oldest new KV cache event in each update a router applied: "
             "how far its view of a replica's cache lagged the engine.",
-            boundaries=[10, 50, 100, 250, 500, 1000, 2000, 5000, 10000],
+            boundaries=[10, 50, 100, 250, 500, 750, 1000, 1250, 1500, 2000, 3000, 5000, 10000],
             tag_keys=("deployment",),
         )
         self._resyncs = metrics.Counter(
