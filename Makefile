@@ -7,7 +7,8 @@ STAMP := $(VENV)/.installed
 CONFIG ?= cluster/configs/local.yaml
 PYTEST := $(BIN)/python -m pytest -q -p no:cacheprovider
 
-.PHONY: venv serve test test-fast test-integration test-e2e test-chaos lint format lock bench-overhead clean
+.PHONY: venv tools serve test test-fast test-integration test-e2e test-chaos test-k8s lint format \
+	lock bench-overhead clean
 
 venv: $(STAMP)
 
@@ -19,17 +20,25 @@ $(STAMP): pyproject.toml requirements-cpu.lock
 	$(BIN)/pip uninstall -q -y torchvision torchaudio torchcodec 2>/dev/null || true
 	@touch $(STAMP)
 
+# Debian packages the tests run: kubectl renders the k8s overlays offline; Prometheus scrapes a
+# local cluster for the dashboard test. Installed when missing, so a fresh machine passes too.
+tools:
+	@command -v kubectl >/dev/null || { apt-get update -qq && apt-get install -y -qq kubectl; }
+	@command -v prometheus >/dev/null || { apt-get update -qq && \
+		DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends prometheus; }
+
 serve: $(STAMP)
 	$(BIN)/inference-cluster serve --config $(CONFIG)
 
-test: $(STAMP) lint
+test: $(STAMP) lint tools
 	@# The vLLM chaos test (an engine restart, minutes) runs in `make test-chaos` only.
-	$(PYTEST) tests/unit tests/integration tests/e2e tests/chaos --ignore=tests/chaos/test_chaos_vllm.py
+	$(PYTEST) tests/unit tests/integration tests/e2e tests/chaos tests/k8s \
+		--ignore=tests/chaos/test_chaos_vllm.py
 
 test-fast: $(STAMP)
 	$(PYTEST) tests/unit
 
-test-integration: $(STAMP)
+test-integration: $(STAMP) tools
 	$(PYTEST) tests/integration
 
 test-e2e: $(STAMP)
@@ -38,6 +47,9 @@ test-e2e: $(STAMP)
 # Replicas, routers and a vLLM engine process killed under load (tests/chaos).
 test-chaos: $(STAMP)
 	$(PYTEST) -s tests/chaos
+
+test-k8s: $(STAMP) tools
+	$(PYTEST) tests/k8s
 
 lint: $(STAMP)
 	$(BIN)/ruff check .

@@ -1,4 +1,4 @@
-"""`inference-cluster` (also `python -m cluster`): serve, status, config validate."""
+"""`inference-cluster` (also `python -m cluster`): serve, status, render-k8s, config."""
 
 from __future__ import annotations
 
@@ -47,6 +47,25 @@ def _parser() -> argparse.ArgumentParser:
     status.add_argument("--json", action="store_true", help="Print JSON instead of a table.")
     status.set_defaults(run=_status)
 
+    render = commands.add_parser(
+        "render-k8s",
+        help="Write the KubeRay RayService patch (serveConfigV2 + worker groups) of a config.",
+    )
+    render.add_argument("--config", type=Path, required=True, help="Cluster YAML.")
+    render.add_argument(
+        "--out",
+        type=Path,
+        help="Folder to write rayservice-patch.yaml into (e.g. k8s/overlays/gpu); "
+        "default: print it.",
+    )
+    render.set_defaults(run=_render_k8s)
+
+    dashboard = commands.add_parser(
+        "dashboard", help="Write the Grafana dashboard JSON (k8s/base/dashboards/...)."
+    )
+    dashboard.add_argument("--out", type=Path, help="File to write; default: print it.")
+    dashboard.set_defaults(run=_dashboard)
+
     config = commands.add_parser("config", help="Work with config files.")
     config_commands = config.add_subparsers(dest="config_command", required=True)
     validate = config_commands.add_parser("validate", help="Exit 0 if FILE is valid, else 2.")
@@ -57,6 +76,36 @@ def _parser() -> argparse.ArgumentParser:
     )
     reference.set_defaults(run=_reference)
     return parser
+
+
+def _render_k8s(args: argparse.Namespace) -> int:
+    from cluster import k8s_render
+
+    try:
+        config = load_config(args.config)
+    except ConfigError as exc:
+        print(exc, file=sys.stderr)
+        return EXIT_CONFIG
+    text = k8s_render.render_file(config, config_name=args.config.as_posix())
+    if args.out is None:
+        print(text, end="")
+        return 0
+    args.out.mkdir(parents=True, exist_ok=True)
+    target = args.out / k8s_render.PATCH_FILE
+    target.write_text(text)
+    print(f"wrote {target}")
+    return 0
+
+
+def _dashboard(args: argparse.Namespace) -> int:
+    from cluster.dashboard import render
+
+    if args.out is None:
+        print(render(), end="")
+    else:
+        args.out.write_text(render())
+        print(f"wrote {args.out}")
+    return 0
 
 
 def _reference(args: argparse.Namespace) -> int:

@@ -48,16 +48,63 @@ class HTTPConfig(StrictModel):
     port: PositiveInt = Field(8000, le=65535, description="Port of the OpenAI API.")
 
 
+class KubernetesConfig(StrictModel):
+    """What `inference-cluster render-k8s` needs beyond the app: pod sizes and cluster names."""
+
+    gpu_node_selector: dict[str, str] = Field(
+        default_factory=dict,
+        description="Node labels the GPU worker pods must match (e.g. "
+        "`nvidia.com/gpu.product: NVIDIA-H100-80GB-HBM3`, set by NVIDIA's GPU feature discovery).",
+    )
+    cpus_per_gpu: PositiveInt = Field(
+        8,
+        description="CPU cores requested per GPU of a GPU worker pod (tokenization, "
+        "scheduling and vLLM's CPU-side work).",
+    )
+    memory_gib_per_gpu: PositiveInt = Field(
+        64,
+        description="Memory (GiB) requested per GPU of a GPU worker pod (weights are loaded "
+        "through host memory).",
+    )
+    cpu_worker_memory_gib: PositiveInt = Field(
+        4,
+        description="Memory (GiB) of a CPU worker pod (one vLLM CPU or simulated replica, "
+        "KV cache included).",
+    )
+    router_memory_gib: PositiveInt = Field(
+        2, description="Memory (GiB) of a router pod (one router replica and its tokenizer)."
+    )
+    model_cache_claim: str | None = Field(
+        None,
+        description="PersistentVolumeClaim holding model weights, mounted at /models on "
+        "every worker pod; none mounts an emptyDir (weights baked into the image).",
+    )
+    hf_token_secret: str = Field(
+        "hf-token",
+        description="Secret whose key `token` becomes HF_TOKEN in worker pods "
+        "(gated weights); optional: pods start without it.",
+    )
+
+
 class ClusterConfig(AppConfig):
     """The app (router + models) plus where Ray runs and where the API listens."""
 
     ray: RayConfig = Field(default_factory=RayConfig, description="Where Ray runs.")
     http: HTTPConfig = Field(default_factory=HTTPConfig, description="The HTTP listener.")
+    kubernetes: KubernetesConfig = Field(
+        default_factory=KubernetesConfig,
+        description="Pod sizes and cluster object names of the KubeRay manifests "
+        "(`inference-cluster render-k8s`).",
+    )
 
     def app_config(self) -> AppConfig:
         """The deployments' config, with `embedded` sources resolved to the generated model."""
-        models = [_resolve_embedded(m) for m in self.models]
-        return AppConfig(router=self.router, models=models)
+        return self.app_part(models=[_resolve_embedded(m) for m in self.models])
+
+    def app_part(self, **updates: object) -> AppConfig:
+        """The AppConfig part of this config (every field build_app takes), with `updates`."""
+        fields = {name: getattr(self, name) for name in AppConfig.model_fields}
+        return AppConfig(**(fields | updates))
 
     def reserved_cpus(self) -> float:
         from deployments.placement import replica_placement

@@ -8,6 +8,7 @@ descriptions' field paths when a file is wrong.
 
 from __future__ import annotations
 
+import os
 import re
 from typing import Any, Literal
 
@@ -25,6 +26,7 @@ from pydantic import (
 )
 
 from deployments.engines.profiles import PerformanceProfile
+from deployments.observability.config import ObservabilityConfig
 
 # Engine options we set ourselves from first-class fields; accepting them in `engine_options` too
 # would give two sources of truth.
@@ -123,7 +125,8 @@ class ModelConfig(StrictModel):
     )
     source: str = Field(
         description="Local folder of the weights and tokenizer (a hub id needs network access, "
-        "which this project never assumes). `embedded` is resolved by `inference-cluster` to the "
+        "which this project never assumes); a leading `~` is expanded where the config loads (the "
+        "images' pods all share /home/ray). `embedded` is resolved by `inference-cluster` to the "
         "generated tiny Llama."
     )
     tokenizer: str | None = Field(
@@ -171,6 +174,13 @@ class ModelConfig(StrictModel):
     routing: RoutingConfig = Field(
         default_factory=RoutingConfig, description="How requests are spread over the replicas."
     )
+
+    @field_validator("source", "tokenizer")
+    @classmethod
+    def _expand_home(cls, path: str | None) -> str | None:
+        # `~` lets one serveConfigV2 name a folder under each pod's (or machine's) own home, such
+        # as the embedded model that the container image bakes into ~/.cache/inference-cluster.
+        return os.path.expanduser(path) if path and path.startswith("~") else path
 
     @field_validator("engine_options")
     @classmethod
@@ -328,6 +338,10 @@ class AppConfig(StrictModel):
 
     router: RouterConfig = Field(default_factory=RouterConfig, description="The router.")
     models: list[ModelConfig] = Field(min_length=1, description="Served models.")
+    observability: ObservabilityConfig = Field(
+        default_factory=ObservabilityConfig,
+        description="Metrics, traces and the access log.",
+    )
 
     @field_validator("models")
     @classmethod

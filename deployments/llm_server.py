@@ -21,6 +21,9 @@ from ray.util import metrics
 from deployments.config import ModelConfig
 from deployments.engines.base import EngineDeadError, EngineOutput, EngineRequest, EngineStats
 from deployments.engines.factory import create_engine
+from deployments.observability.config import ObservabilityConfig
+from deployments.observability.replica import ReplicaTelemetry
+from deployments.observability.tracing import tracer_provider
 from deployments.routing.kv_log import KVEventLog
 from deployments.routing.policy import RoutingHint
 
@@ -84,8 +87,18 @@ class _PredictionMetrics:
 
 
 class LLMServer:
-    async def __init__(self, model: ModelConfig) -> None:
+    async def __init__(
+        self, model: ModelConfig, observability: ObservabilityConfig | None = None
+    ) -> None:
         self._model = model
+        observability = observability or ObservabilityConfig()
+        self._replica_id = serve.get_replica_context().replica_id.unique_id
+        self._telemetry = ReplicaTelemetry(
+            model,
+            self._replica_id,
+            observability,
+            tracer_provider(observability.tracing, f"llm-server {model.name}"),
+        )
         self._engine = create_engine(model)
         self._stats_version = 0
         await self._engine.start()
@@ -96,7 +109,6 @@ class LLMServer:
             max_blocks=max(self._engine.stats().num_total_blocks, 1),
         )
         self._kv_drain_task = asyncio.create_task(self._drain_kv_events())
-        self._replica_id = serve.get_replica_context().replica_id.unique_id
         self._predictions = _PredictionMetrics(model.name)
         logger.info("engine %s ready for model %s", model.engine, model.name)
 
@@ -115,7 +127,7 @@ class LLMServer:
         `routing` is what our request router believed about this replica's cache (it adds it
         to the call); the engine's answer is compared with it when the first output arrives."""
         queue: asyncio.Queue[Any] = asyncio.Queue()
-        stream = self._engine.generate(request)
+        stream = self._telemetry.generate(request, self._engine.generate(request))
         predicted = None if routing is None else routing.predicted_tokens(self._replica_id)
 
         async def pump() -> None:
@@ -180,6 +192,7 @@ class LLMServer:
         self._kv_log.extend(self._engine.drain_kv_events())
         self._stats_version += 1
         snapshot = (self._stats_version - 1) % self._model.routing.kv_snapshot_every == 0
+        self._telemetry.stats(self._engine.stats())  # Serve calls this every stats_period_s
         return {
             # Serve re-sends every replica's last stats whenever any replica changes; the version
             # lets routers tell a fresh snapshot from a replay of one they already applied.

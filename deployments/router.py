@@ -18,6 +18,9 @@ from ray.serve.handle import DeploymentHandle
 from deployments.api.openai_app import OpenAIApp, OverloadedError, UnavailableError
 from deployments.config import AppConfig
 from deployments.engines.base import EngineOutput, EngineRequest, EngineStats
+from deployments.observability.metrics import RouterMetrics
+from deployments.observability.middleware import ObservedApp
+from deployments.observability.tracing import tracer, tracer_provider
 
 # What a handle raises when the replica died under a request or none can take it right now:
 # retryable (the app retries before the first output, else answers 503).
@@ -71,6 +74,13 @@ class Router:
         self._api = OpenAIApp(
             config, {name: ServeBackend(handle) for name, handle in llm_servers.items()}
         )
+        observability = config.observability
+        self._app = ObservedApp(
+            self._api.app,
+            tracer(tracer_provider(observability.tracing, "router")),
+            RouterMetrics(),
+            observability.access_log,
+        )
 
     def __serve_build_asgi_app__(self) -> Any:
-        return self._api.app
+        return self._app

@@ -12,6 +12,7 @@ from functools import lru_cache
 from typing import Any
 
 from deployments.api.errors import bad_request
+from deployments.observability.tracing import traced_tokenization
 
 # Hub look-ups would hang on machines without network; every source here is a local folder.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -37,10 +38,12 @@ class PromptTokenizer:
     def vocab_size(self) -> int:
         return len(self._tokenizer)
 
+    @traced_tokenization("text")
     def encode_text(self, text: str) -> list[int]:
         # Completions add the model's special prefix (BOS), as vLLM's completions endpoint does.
         return list(self._tokenizer(text, add_special_tokens=True)["input_ids"])
 
+    @traced_tokenization("chat")
     def encode_chat(self, messages: Sequence[dict[str, str]]) -> list[int]:
         try:
             rendered = self._tokenizer.apply_chat_template(

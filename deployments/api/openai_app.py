@@ -63,6 +63,11 @@ from deployments.engines.base import (
     SamplingParams,
     TokenLogprob,
 )
+from deployments.observability.middleware import (
+    observe_engine_call,
+    observe_outputs,
+    observe_tenant,
+)
 from deployments.tokenizer import PromptTokenizer
 
 logger = logging.getLogger("ray.serve")
@@ -339,6 +344,7 @@ class OpenAIApp:
     ) -> tuple[EngineRequest, dict[str, str]]:
         """The engine request of a valid API request, once the caller's rate limits allow it
         (else a 429), and the x-ratelimit-* headers of its answer."""
+        observe_tenant(caller.tenant)
         headers: dict[str, str] = {}
         if caller.limiter is not None:
             # OpenAI counts the prompt plus every choice's max_tokens against tokens per minute.
@@ -373,6 +379,7 @@ class OpenAIApp:
         the request goes out again (router.retry_attempts in all). The deadline applies only
         while waiting on the backend, never while the client reads what it was given.
         """
+        request = observe_engine_call(served.config.name, request)
         timeout_s = self._config.request_timeout_s
         deadline = asyncio.get_running_loop().time() + timeout_s
         for attempt in range(1, self._config.retry_attempts + 1):
@@ -385,6 +392,7 @@ class OpenAIApp:
                     if batch is None:
                         return
                     started = True
+                    observe_outputs(batch)
                     yield batch
             except TimeoutError:
                 raise request_timeout(timeout_s) from None

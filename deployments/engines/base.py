@@ -45,6 +45,9 @@ class EngineRequest(_Frozen):
     cache_salt: str | None = Field(
         None, description="Salts the prefix-cache block hashes (tenant isolation)."
     )
+    trace_context: dict[str, str] | None = Field(
+        None, description="W3C trace context (traceparent) of the router's span, for the replica."
+    )
 
 
 class TokenLogprob(_Frozen):
@@ -68,6 +71,9 @@ class EngineOutput(_Frozen):
     num_prompt_tokens: NonNegativeInt = 0
     num_cached_tokens: NonNegativeInt = Field(
         0, description="Prompt tokens served from the prefix cache."
+    )
+    replica: str | None = Field(
+        None, description="The replica that produced it (set on a request's first output)."
     )
 
 
