@@ -14,6 +14,7 @@ from cluster.config import ConfigError, default_config_path, load_config
 
 EXIT_CONFIG = 2
 EXIT_DEPLOY = 3
+STATUS_DECISIONS = 5  # the autoscaler's most recent decisions shown per deployment
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -246,6 +247,12 @@ def _status(args: argparse.Namespace) -> int:
                 )
             elif r.error is not None:
                 print(f"  {r.replica.rsplit('#', 1)[-1]}: {r.error}")
+        for decision in d.decisions[-STATUS_DECISIONS:]:
+            when = time.strftime("%H:%M:%S", time.localtime(decision["time_s"]))
+            print(
+                f"  autoscaler {when}: {decision['previous']} -> {decision['target']} "
+                f"replicas: {decision['reason']}"
+            )
     return 0
 
 

@@ -5,11 +5,12 @@ The driver side of the cluster: nothing here runs inside a Serve replica.
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import ray
@@ -17,6 +18,7 @@ from ray import serve
 
 from cluster.config import ClusterConfig
 from deployments.app import build_app
+from deployments.autoscaling import KV_NAMESPACE, decisions_key
 from deployments.config import AppConfig, deployment_name
 from deployments.placement import PlacementInfeasible, check_fits
 
@@ -120,6 +122,8 @@ class DeploymentStatus:
     replica_states: dict[str, int]
     message: str
     replicas: list[ReplicaStatus]
+    # The autoscaler's recent decisions, oldest first (empty when it never changed anything).
+    decisions: list[dict[str, Any]] = field(default_factory=list)
 
 
 def drain(timeout_s: float, poll_s: float = 0.5) -> int:
@@ -162,9 +166,19 @@ def cluster_status(timeout_s: float = 5.0) -> list[DeploymentStatus]:
                 replica_states={str(k): v for k, v in deployment.replica_states.items()},
                 message=deployment.message,
                 replicas=replicas,
+                decisions=autoscaling_decisions(name),
             )
         )
     return result
+
+
+def autoscaling_decisions(deployment: str) -> list[dict[str, Any]]:
+    """The recent decisions our autoscaling policy published for `deployment` (see
+    deployments/autoscaling.py: Serve's controller keeps its policy state to itself)."""
+    from ray.experimental import internal_kv
+
+    raw = internal_kv._internal_kv_get(decisions_key(deployment), namespace=KV_NAMESPACE)
+    return list(json.loads(raw)) if raw else []
 
 
 def _replica_actor_names() -> list[str]:

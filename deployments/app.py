@@ -5,12 +5,14 @@ serve run deployments.app:build_app   (args: the AppConfig as a dict)
 
 from __future__ import annotations
 
+from dataclasses import asdict
 from typing import Any
 
 from ray import serve
 from ray.serve import Application
 from ray.serve.config import BackpressureConfig, RequestRouterConfig
 
+from deployments.autoscaling import serve_autoscaling_config
 from deployments.config import AppConfig, deployment_name
 from deployments.llm_server import LLMServer
 from deployments.observability.routing import TracedRequestRouter
@@ -25,11 +27,23 @@ def build_app(args: AppConfig | dict[str, Any]) -> Application:
     llm_servers = {}
     for model in config.models:
         placement = replica_placement(model)
+        scaling = model.autoscaling
+        replicas: dict[str, Any] = {"num_replicas": model.num_replicas}
+        if scaling.enabled:
+            replicas = {
+                "autoscaling_config": serve_autoscaling_config(
+                    scaling, model.num_replicas, "engine", asdict(placement)
+                )
+            }
+            if scaling.min_replicas == 0:
+                # The bounded buffer of a model at zero: requests wait at the router's handle
+                # for a replica; beyond this many, BackPressureError (a 503 with Retry-After).
+                replicas["max_queued_requests"] = scaling.cold_start_max_queued
         llm_servers[model.name] = (
             serve.deployment(LLMServer)
             .options(
                 name=deployment_name(model.name),
-                num_replicas=model.num_replicas,
+                **replicas,
                 max_ongoing_requests=model.max_ongoing_requests,
                 # The router turns the handle's BackPressureError into an OpenAI-shaped 503.
                 max_queued_requests=model.max_queued_requests,
@@ -56,13 +70,25 @@ def build_app(args: AppConfig | dict[str, Any]) -> Application:
                 ),
                 health_check_period_s=10,
                 health_check_timeout_s=30,
-                graceful_shutdown_timeout_s=30,
+                # A replica being removed leaves the routers' replica set first (Serve's
+                # long-poll update), then waits for its ongoing requests up to this long.
+                graceful_shutdown_timeout_s=model.drain_timeout(),
             )
             .bind(model, config.observability)
         )
+    router_scaling = config.router.autoscaling
+    router_replicas: dict[str, Any] = (
+        {
+            "autoscaling_config": serve_autoscaling_config(
+                router_scaling, config.router.num_replicas, "ongoing"
+            )
+        }
+        if router_scaling.enabled
+        else {"num_replicas": config.router.num_replicas}
+    )
     router = serve.deployment(Router).options(
         name=ROUTER_DEPLOYMENT,
-        num_replicas=config.router.num_replicas,
+        **router_replicas,
         max_ongoing_requests=config.router.max_ongoing_requests,
         max_queued_requests=config.router.max_queued_requests,
         graceful_shutdown_timeout_s=config.router.graceful_shutdown_timeout_s,

@@ -41,6 +41,12 @@ _OWNED_ENGINE_OPTIONS = {
 }
 
 
+# Decode speed assumed for a vLLM replica's drain time: a slow CPU engine's order of magnitude
+# (the embedded model on 2 cores streams ~tens of tokens/s per sequence under load); a GPU is
+# faster, so this errs on the long side.
+_VLLM_DRAIN_TOKENS_PER_S = 20.0
+
+
 class StrictModel(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_default=True)
 
@@ -113,6 +119,87 @@ class RoutingConfig(StrictModel):
         return name
 
 
+class ScalingConfig(StrictModel):
+    """Autoscaling of a deployment's replica count (deployments/autoscaling.py). The router uses
+    this part alone and scales on its own ongoing requests."""
+
+    enabled: bool = Field(
+        False, description="Autoscale; when off, the deployment keeps num_replicas replicas."
+    )
+    min_replicas: NonNegativeInt = Field(1, description="Fewest replicas.")
+    max_replicas: PositiveInt = Field(8, description="Most replicas.")
+    target_per_replica: PositiveFloat = Field(
+        16.0,
+        description="Requests per replica the policy sizes for: running + waiting in the engine "
+        "(models) or ongoing requests (router), plus requests queued at the handles.",
+    )
+    downscale_delay_s: NonNegativeFloat = Field(
+        30.0,
+        description="How long the load must stay low before one scale-down step (and between "
+        "steps). Scaling up never waits.",
+    )
+    downscale_hysteresis: float = Field(
+        0.2,
+        ge=0.0,
+        lt=1.0,
+        description="Scale down only when the load fits fewer replicas at (1 - this) x "
+        "target_per_replica: the band in between changes nothing, so noise cannot flap.",
+    )
+    downscale_max_step: PositiveInt = Field(
+        2, description="Replicas removed per scale-down step at most."
+    )
+    metrics_interval_s: PositiveFloat = Field(
+        1.0, description="How often replicas and handles push their metrics to Serve's controller."
+    )
+    look_back_period_s: PositiveFloat = Field(
+        3.0, description="Window over which Serve averages the metrics the policy sees."
+    )
+
+    @model_validator(mode="after")
+    def _bounds(self) -> ScalingConfig:
+        if self.max_replicas < self.min_replicas:
+            raise ValueError(
+                f"max_replicas ({self.max_replicas}) is below min_replicas ({self.min_replicas})"
+            )
+        if self.look_back_period_s <= self.metrics_interval_s:
+            raise ValueError("look_back_period_s must be longer than metrics_interval_s")
+        return self
+
+
+class ModelAutoscalingConfig(ScalingConfig):
+    """Autoscaling of a model's LLMServer replicas on their engines' queues and KV usage."""
+
+    min_replicas: NonNegativeInt = Field(
+        1, description="Fewest replicas; 0 lets the model scale to zero when idle."
+    )
+    kv_usage_threshold: float = Field(
+        0.9,
+        gt=0.0,
+        le=1.0,
+        description="Mean KV cache usage above which the model gets one more replica once it "
+        "stayed there for kv_sustain_s.",
+    )
+    kv_sustain_s: NonNegativeFloat = Field(
+        10.0,
+        description="How long KV usage must stay above kv_usage_threshold for each extra replica.",
+    )
+    scale_to_zero_idle_s: NonNegativeFloat = Field(
+        300.0,
+        description="With min_replicas 0: seconds without any request before the last replica "
+        "goes.",
+    )
+    cold_start_timeout_s: PositiveFloat = Field(
+        180.0,
+        description="With min_replicas 0: how long the router holds a request for its first "
+        "output (a replica starting, then the prefill); beyond it, 503 with Retry-After.",
+    )
+    cold_start_max_queued: PositiveInt = Field(
+        64,
+        description="With min_replicas 0: requests each router replica holds while no replica "
+        "can take them (Serve's max_queued_requests); beyond it, 503 with Retry-After.",
+    )
+
+
 class ModelConfig(StrictModel):
     """One served model: its own LLMServer deployment with `num_replicas` engines."""
 
@@ -174,6 +261,16 @@ class ModelConfig(StrictModel):
     routing: RoutingConfig = Field(
         default_factory=RoutingConfig, description="How requests are spread over the replicas."
     )
+    autoscaling: ModelAutoscalingConfig = Field(
+        default_factory=ModelAutoscalingConfig,
+        description="Replica count from queue depth; num_replicas is then the initial count.",
+    )
+    drain_timeout_s: PositiveFloat | None = Field(
+        None,
+        description="How long a replica being removed may finish its in-flight requests (Serve's "
+        "graceful_shutdown_timeout_s). Default: max_model_len tokens at the simulated profile's "
+        "full-batch decode step (vLLM: at 20 tokens/s), plus 30 s.",
+    )
 
     @field_validator("source", "tokenizer")
     @classmethod
@@ -201,6 +298,18 @@ class ModelConfig(StrictModel):
     def tokenizer_source(self) -> str:
         return self.tokenizer or self.source
 
+    def drain_timeout(self) -> float:
+        """Seconds a replica being removed gets to finish its requests: long enough for a
+        request of max_model_len tokens decoding in a full batch."""
+        if self.drain_timeout_s is not None:
+            return self.drain_timeout_s
+        if self.simulated is not None:
+            profile = self.simulated.resolved_profile()
+            step_s = profile.decode_ms(profile.max_num_seqs) / 1000
+        else:
+            step_s = 1 / _VLLM_DRAIN_TOKENS_PER_S
+        return self.max_model_len * step_s + 30.0
+
     @model_validator(mode="after")
     def _consistent(self) -> ModelConfig:
         for option in self.engine_options:
@@ -216,6 +325,14 @@ class ModelConfig(StrictModel):
                 self.simulated = SimulatedEngineConfig()
         elif self.simulated is not None:
             raise ValueError("`simulated` settings apply to engine: simulated only")
+        scaling = self.autoscaling
+        if scaling.enabled and not (
+            max(scaling.min_replicas, 1) <= self.num_replicas <= scaling.max_replicas
+        ):
+            raise ValueError(
+                f"num_replicas ({self.num_replicas}) is the initial count of an autoscaled "
+                f"model: it must be within [max(1, min_replicas), max_replicas]"
+            )
         if self.device == "cpu" and self.pipeline_parallel_size > 1:
             raise ValueError(
                 "pipeline_parallel_size > 1 needs vLLM's Ray executor, which is GPU-only "
@@ -331,6 +448,24 @@ class RouterConfig(StrictModel):
     health_check_timeout_s: PositiveFloat = Field(
         10.0, description="How long GET /health waits for each model's replicas."
     )
+    autoscaling: ScalingConfig = Field(
+        default_factory=lambda: ScalingConfig(target_per_replica=256.0),
+        description="Router replicas from their own ongoing requests; num_replicas is then the "
+        "initial count.",
+    )
+
+    @model_validator(mode="after")
+    def _router_scaling(self) -> RouterConfig:
+        scaling = self.autoscaling
+        if scaling.enabled and (
+            scaling.min_replicas < 1
+            or not scaling.min_replicas <= self.num_replicas <= scaling.max_replicas
+        ):
+            raise ValueError(
+                "an autoscaled router needs min_replicas >= 1 (it receives the requests that "
+                "would wake it) and num_replicas within [min_replicas, max_replicas]"
+            )
+        return self
 
 
 class AppConfig(StrictModel):

@@ -96,3 +96,33 @@ def _largest_node(nodes: Sequence[Mapping[str, float]], need: Mapping[str, float
 
 def _fmt(resources: Mapping[str, float]) -> str:
     return ", ".join(f"{amount:g} {name}" for name, amount in sorted(resources.items()))
+
+
+def replicas_that_fit(placement: ReplicaPlacement, free: Sequence[Mapping[str, float]]) -> int:
+    """How many more replicas fit in the nodes' free resources: bundles placed greedily (first
+    node that fits), a replica counted only when all its bundles found room. STRICT_PACK keeps a
+    replica's bundles on one node. Bounded by 1024 (more is "unbounded" for any policy here)."""
+    nodes = [dict(node) for node in free]
+    count = 0
+    while count < 1024:
+        trial = [dict(node) for node in nodes]
+        if placement.strategy == "STRICT_PACK":
+            need = placement.total()
+            host = next((node for node in trial if _covers(node, need)), None)
+            if host is None:
+                return count
+            _take(host, need)
+        else:
+            for bundle in placement.bundles:
+                host = next((node for node in trial if _covers(node, bundle)), None)
+                if host is None:
+                    return count
+                _take(host, bundle)
+        nodes = trial
+        count += 1
+    return count
+
+
+def _take(node: dict[str, float], need: Mapping[str, float]) -> None:
+    for resource, amount in need.items():
+        node[resource] = node.get(resource, 0.0) - amount

@@ -72,6 +72,9 @@ from deployments.tokenizer import PromptTokenizer
 
 logger = logging.getLogger("ray.serve")
 
+# Retry-After of a request that waited out a cold start: a replica is on its way by then.
+_COLD_START_RETRY_AFTER_S = 10
+
 # Tokenizing a long prompt takes milliseconds; off the event loop it cannot stall other requests.
 _TOKENIZE_INLINE_MAX_CHARS = 4096
 
@@ -381,14 +384,25 @@ class OpenAIApp:
         """
         request = observe_engine_call(served.config.name, request)
         timeout_s = self._config.request_timeout_s
-        deadline = asyncio.get_running_loop().time() + timeout_s
+        now = asyncio.get_running_loop().time()
+        deadline = now + timeout_s
+        # A model that scales to zero may have no replica: the request waits at the handle
+        # (Serve's bounded queue) for its first output at most cold_start_timeout_s, then gets
+        # a 503 with Retry-After instead of hanging until the request deadline.
+        scaling = served.config.autoscaling
+        hold_until = deadline
+        if scaling.enabled and not scaling.min_replicas:
+            hold_until = min(deadline, now + scaling.cold_start_timeout_s)
         for attempt in range(1, self._config.retry_attempts + 1):
             stream = served.backend.generate(request)
             started = False
             try:
                 while True:
-                    async with asyncio.timeout_at(deadline):
-                        batch = await anext(stream, None)
+                    if not started and hold_until < deadline:
+                        batch = await self._first_output(served, stream, hold_until)
+                    else:
+                        async with asyncio.timeout_at(deadline):
+                            batch = await anext(stream, None)
                     if batch is None:
                         return
                     started = True
@@ -424,6 +438,20 @@ class OpenAIApp:
             if pause <= 0:
                 raise request_timeout(timeout_s)
             await asyncio.sleep(pause)
+
+    async def _first_output(
+        self, served: ServedModel, stream: AsyncIterator[list[EngineOutput]], until: float
+    ) -> list[EngineOutput] | None:
+        try:
+            async with asyncio.timeout_at(until):
+                return await anext(stream, None)
+        except TimeoutError:
+            hold_s = served.config.autoscaling.cold_start_timeout_s
+            message = (
+                f"model {served.config.name!r} has no replica ready after {hold_s:g} s "
+                "(it is starting from zero); retry later"
+            )
+            raise service_unavailable(message, _COLD_START_RETRY_AFTER_S) from None
 
     async def _collect(self, outputs: AsyncIterator[list[EngineOutput]], n: int) -> _Accumulator:
         acc = _Accumulator(n)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import socket
 from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -46,12 +47,11 @@ def engine_counts() -> list[tuple[int, int]]:
     return [(r.stats["num_running"], r.stats["num_waiting"]) for r in replicas if r.stats]
 
 
-@pytest.fixture(scope="module")
-def simulated_app(embedded_model: Path) -> Iterator[str]:
-    """Base URL of the app with 3 simulated replicas; asserts no request leaked at teardown."""
+@contextmanager
+def served(config: AppConfig) -> Iterator[str]:
+    """A local Ray serving `config`: its base URL; asserts no request leaked at teardown."""
     ray.init(address="local", num_cpus=4, logging_level="ERROR", include_dashboard=False)
     port = free_port()
-    config = AppConfig(router=RouterConfig(cpus=0.1), models=[simulated_model(embedded_model)])
     runtime.deploy(config, host="127.0.0.1", port=port, timeout_s=180)
     try:
         yield f"http://127.0.0.1:{port}"
@@ -59,3 +59,11 @@ def simulated_app(embedded_model: Path) -> Iterator[str]:
     finally:
         serve.shutdown()
         ray.shutdown()
+
+
+@pytest.fixture(scope="module")
+def simulated_app(embedded_model: Path) -> Iterator[str]:
+    """Base URL of the app with 3 simulated replicas."""
+    config = AppConfig(router=RouterConfig(cpus=0.1), models=[simulated_model(embedded_model)])
+    with served(config) as url:
+        yield url

@@ -1,0 +1,153 @@
+"""The autoscaler on real Ray Serve with simulated engines (8B/H100 profile in real time).
+
+Short delays so the whole module stays within its CI budget: metrics pushed every 0.5 s, a 1.5 s
+look-back, a 3 s downscale delay. The numbers it prints (time from a load step to the first
+decision, cold start) are measurements, not assertions.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import httpx
+import pytest
+from ray import serve
+
+from cluster import runtime
+from deployments.config import AppConfig, RouterConfig, deployment_name
+from tests.integration.conftest import served, simulated_model
+
+pytestmark = pytest.mark.integration
+
+BUSY, COLD = "busy", "cold"
+FAST_METRICS = {"metrics_interval_s": 0.5, "look_back_period_s": 1.5}
+MAX_TOKENS = 150  # ~1 s of decoding per request at the profile's ~5-6 ms steps
+
+
+@pytest.fixture(scope="module")
+def app(embedded_model: Path) -> Iterator[str]:
+    busy = simulated_model(
+        embedded_model,
+        name=BUSY,
+        num_replicas=1,
+        autoscaling={
+            "enabled": True,
+            "min_replicas": 1,
+            "max_replicas": 4,
+            "target_per_replica": 4,
+            "downscale_delay_s": 3,
+            "downscale_max_step": 2,
+            **FAST_METRICS,
+        },
+    )
+    cold = simulated_model(
+        embedded_model,
+        name=COLD,
+        num_replicas=1,
+        autoscaling={
+            "enabled": True,
+            "min_replicas": 0,
+            "max_replicas": 1,
+            "scale_to_zero_idle_s": 2,
+            "cold_start_timeout_s": 60,
+            **FAST_METRICS,
+        },
+    )
+    with served(AppConfig(router=RouterConfig(cpus=0.1), models=[busy, cold])) as url:
+        yield url
+
+
+def running_replicas(model: str) -> int:
+    app = serve.status().applications[runtime.APP_NAME]
+    states = app.deployments[deployment_name(model)].replica_states
+    return int(states.get("RUNNING", 0))
+
+
+@dataclass
+class Load:
+    """Closed-loop users against the HTTP API; every response is checked."""
+
+    base_url: str
+    model: str
+    users: int = 0
+    completed: int = 0
+    failures: list[str] = field(default_factory=list)
+
+    async def user(self, index: int, stop: asyncio.Event) -> None:
+        async with httpx.AsyncClient(base_url=self.base_url, timeout=120) as http:
+            while not stop.is_set():
+                if index >= self.users:
+                    await asyncio.sleep(0.05)
+                    continue
+                body = {"model": self.model, "prompt": f"user {index}", "max_tokens": MAX_TOKENS}
+                response = await http.post("/v1/completions", json=body)
+                if response.status_code != 200:
+                    self.failures.append(f"{response.status_code} {response.text[:200]}")
+                elif response.json()["usage"]["completion_tokens"] != MAX_TOKENS:
+                    self.failures.append(f"short answer: {response.text[:200]}")
+                else:
+                    self.completed += 1
+
+
+async def watch(model: str, seconds: float, until: int | None = None) -> list[int]:
+    """Running replicas every 0.5 s for `seconds` (or until the count is `until`)."""
+    counts: list[int] = []
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        counts.append(await asyncio.to_thread(running_replicas, model))
+        if until is not None and counts[-1] == until:
+            break
+        await asyncio.sleep(0.5)
+    return counts
+
+
+async def test_stepped_load_scales_up_and_back_down_without_a_failed_request(app: str) -> None:
+    load = Load(app, BUSY, users=2)
+    stop = asyncio.Event()
+    users = [asyncio.create_task(load.user(i, stop)) for i in range(20)]
+    try:
+        low = await watch(BUSY, 5)
+        step_at = time.time()
+        load.users = 20  # 10x
+        high = await watch(BUSY, 25, until=4)
+        reached_at = time.time()
+        high += await watch(BUSY, 3)
+        load.users = 2  # under load still: the scale-down must not drop a request
+        down = await watch(BUSY, 40, until=1)
+    finally:
+        stop.set()
+        await asyncio.gather(*users)
+    decisions = await asyncio.to_thread(runtime.autoscaling_decisions, deployment_name(BUSY))
+    first_up = next(d for d in decisions if d["direction"] == "up" and d["time_s"] >= step_at)
+    for d in decisions:
+        print(f"{d['time_s'] - step_at:+7.1f} s  {d['previous']} -> {d['target']}: {d['reason']}")
+    print(
+        f"\nload step -> first scale decision {first_up['time_s'] - step_at:.1f} s "
+        f"({first_up['previous']} -> {first_up['target']}: {first_up['reason']}); "
+        f"-> 4 running replicas {reached_at - step_at:.1f} s; completed {load.completed}"
+    )
+    assert max(low) == 1
+    assert max(high) == 4
+    assert down[-1] == 1
+    assert any(d["direction"] == "down" for d in decisions if d["time_s"] > first_up["time_s"])
+    assert load.failures == []
+    assert load.completed > 50
+
+
+async def test_a_model_at_zero_serves_its_first_request_after_the_cold_start(app: str) -> None:
+    counts = await watch(COLD, 30, until=0)
+    assert counts[-1] == 0, counts
+    async with httpx.AsyncClient(base_url=app, timeout=120) as http:
+        started = time.monotonic()
+        body = {"model": COLD, "prompt": "wake up", "max_tokens": 8}
+        response = await http.post("/v1/completions", json=body)
+        cold_start_s = time.monotonic() - started
+    assert response.status_code == 200, response.text
+    assert response.json()["usage"]["completion_tokens"] == 8
+    decisions = await asyncio.to_thread(runtime.autoscaling_decisions, deployment_name(COLD))
+    assert any(d["target"] == 0 and "idle" in d["reason"] for d in decisions), decisions
+    print(f"\nfirst request of a model at zero: {cold_start_s:.1f} s (cold start included)")
