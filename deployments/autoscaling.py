@@ -34,6 +34,9 @@ logger = logging.getLogger("ray.serve")
 
 Direction = Literal["up", "down", "hold"]
 
+# A scale-down waits for starting replicas at most this long (seconds).
+STARTING_HOLD_MAX_S = 600.0
+
 # Decisions kept in the policy state (and published for `status`): bounded, newest last.
 DECISION_HISTORY = 20
 
@@ -86,6 +89,7 @@ class PolicyState:
     low_since_s: float | None = None  # since when the load fitted fewer replicas
     kv_high_since_s: float | None = None  # since when KV usage stayed above the threshold
     idle_since_s: float | None = None  # since when the load was exactly zero
+    starting_since_s: float | None = None  # since when fewer replicas run than the target
     history: tuple[Decision, ...] = field(default_factory=tuple)
 
     def to_dict(self) -> dict[str, Any]:
@@ -99,6 +103,7 @@ class PolicyState:
             low_since_s=data.get("low_since_s"),
             kv_high_since_s=data.get("kv_high_since_s"),
             idle_since_s=data.get("idle_since_s"),
+            starting_since_s=data.get("starting_since_s"),
             history=tuple(Decision(**d) for d in data.get("history", ())),
         )
 
@@ -127,10 +132,18 @@ def decide(
                 kv_high_since = now
         else:
             kv_high_since = None
+    starting_since = None
+    if metrics.current_replicas < target:
+        starting_since = state.starting_since_s if state.starting_since_s is not None else now
     idle_since = None
     if not load:
         idle_since = state.idle_since_s if state.idle_since_s is not None else now
-    state = replace(state, kv_high_since_s=kv_high_since, idle_since_s=idle_since)
+    state = replace(
+        state,
+        kv_high_since_s=kv_high_since,
+        idle_since_s=idle_since,
+        starting_since_s=starting_since,
+    )
 
     floor = _floor(config, state, target, now)
     # Fewest replicas that hold the load with the hysteresis margin: below this, scale down.
@@ -144,6 +157,15 @@ def decide(
     elif needed > target or target < floor:
         new = max(needed, floor)
         direction = "up"
+        state = replace(state, low_since_s=None)
+    elif max(fits_with_margin, floor) < target and _still_starting(metrics, state, now):
+        # The last scale-up has not landed: starting replicas cost CPU on their hosts and the
+        # demand they were asked for may be stuck upstream, so the load reads low. Scaling down
+        # now would cancel them and flap; the low period starts once the fleet is complete.
+        new = target
+        direction = "hold"
+        starting = target - metrics.current_replicas
+        reason = f"{reason}; {starting} replicas still starting: no scale-down before they are up"
         state = replace(state, low_since_s=None)
     elif max(fits_with_margin, floor) < target:
         low_since = state.low_since_s if state.low_since_s is not None else now
@@ -197,6 +219,16 @@ def decide(
     if final != target or capacity_limited:
         state = replace(state, history=(*state.history, decision)[-DECISION_HISTORY:])
     return decision, state
+
+
+def _still_starting(metrics: ScalingMetrics, state: PolicyState, now: float) -> bool:
+    """Replicas are starting, and not for so long that they look stuck (no room on the
+    cluster, a crash loop): then the policy trusts the load again and may cancel them."""
+    return (
+        state.starting_since_s is not None
+        and now - state.starting_since_s < STARTING_HOLD_MAX_S
+        and metrics.current_replicas > 0
+    )
 
 
 def _floor(config: ScalingConfig, state: PolicyState, target: int, now: float) -> int:

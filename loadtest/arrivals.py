@@ -16,7 +16,7 @@ from __future__ import annotations
 import argparse
 import math
 import random
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Literal
 
@@ -188,3 +188,58 @@ def schedule(
     if first and all(t is not None for t in first):
         return [t for t in first if t is not None]
     return plan.times(len(sessions), rng)
+
+
+# ---- traces for the autoscaling benchmark (loadtest/bench_autoscaling.py) ----------------------
+
+
+def bursty_trace(
+    duration_s: float,
+    base_rate: float,
+    burst_rate: float,
+    burst_s: float,
+    mean_gap_s: float,
+    rng: random.Random,
+) -> list[float]:
+    """Poisson arrivals at `base_rate`, with bursts at `burst_rate` lasting `burst_s` whose
+    starts are themselves Poisson (on average one per `mean_gap_s`): the load steps up by
+    burst_rate / base_rate at moments nobody announced, as a batch job or a launch does."""
+    bursts: list[float] = []
+    t = rng.expovariate(1 / mean_gap_s)
+    while t < duration_s:
+        bursts.append(t)
+        t += burst_s + rng.expovariate(1 / mean_gap_s)
+
+    def rate(at: float) -> float:
+        in_burst = any(start <= at < start + burst_s for start in bursts)
+        return burst_rate if in_burst else base_rate
+
+    return inhomogeneous_poisson(rate, max(base_rate, burst_rate), duration_s, rng)
+
+
+def diurnal_trace(
+    duration_s: float, low_rate: float, peak_rate: float, period_s: float, rng: random.Random
+) -> list[float]:
+    """Poisson arrivals whose rate follows a day compressed into `period_s`: a raised cosine from
+    `low_rate` at the start (night) to `peak_rate` at mid-period (afternoon) and back."""
+
+    def rate(at: float) -> float:
+        phase = (1 - math.cos(2 * math.pi * at / period_s)) / 2
+        return low_rate + (peak_rate - low_rate) * phase
+
+    return inhomogeneous_poisson(rate, max(low_rate, peak_rate), duration_s, rng)
+
+
+def inhomogeneous_poisson(
+    rate: Callable[[float], float], max_rate: float, duration_s: float, rng: random.Random
+) -> list[float]:
+    """Arrival times of a Poisson process with a time-varying rate, by thinning (Lewis and
+    Shedler): candidates at `max_rate`, each kept with probability rate(t) / max_rate."""
+    times = []
+    t = 0.0
+    while True:
+        t += rng.expovariate(max_rate)
+        if t >= duration_s:
+            return times
+        if rng.random() * max_rate < rate(t):
+            times.append(t)

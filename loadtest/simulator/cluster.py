@@ -98,6 +98,7 @@ class AutoscalingMetrics:
     # kv_cache_usage.
     replica_metrics: Mapping[str, Mapping[str, float]]
     num_queued: int  # requests held at the router because every replica was full
+    num_starting: int = 0  # replicas asked for but not routable yet (replica_start_s)
 
 
 # (metrics, state, now) -> (target replicas, state); the state starts as None.
@@ -112,6 +113,8 @@ class SimulationResult:
     ideal_cache_hit_rate: float
     load_imbalance: float  # the busiest replica's busy time over the mean
     replicas_over_time: list[tuple[float, int]]
+    # Replicas holding resources (routable + starting) at each change: what an autoscaler pays.
+    allocated_over_time: list[tuple[float, int]]
     busy_s: dict[str, float]  # per replica that ever existed
     # Per replica that ever existed, its requests in flight (its queue: waiting + running)
     # averaged over the run; and the largest of these over their mean.
@@ -146,11 +149,13 @@ def simulate(
     max_concurrency: int | None = None,
     autoscaler: AutoscalingHook | None = None,
     autoscaling_interval_s: float = 1.0,
+    replica_start_s: float = 0.0,
 ) -> SimulationResult:
     """Run the workload to completion in virtual time.
 
     `arrival_times` holds one time per session (open loop); None is a closed loop of
-    `max_concurrency` users (one when None). Without an autoscaler the fleet is fixed.
+    `max_concurrency` users (one when None). Without an autoscaler the fleet is fixed. A replica
+    the autoscaler adds takes `replica_start_s` to become routable (engine start, weights load).
     """
     if arrival_times is not None and len(arrival_times) != len(sessions):
         raise ValueError(
@@ -162,12 +167,22 @@ def simulate(
         raise ValueError("every session needs at least one turn")
     if autoscaling_interval_s <= 0:
         raise ValueError(f"autoscaling_interval_s must be positive, got {autoscaling_interval_s}")
-    run = _Run(fleet, policy, sessions, max_concurrency, autoscaler, autoscaling_interval_s)
+    if replica_start_s < 0:
+        raise ValueError(f"replica_start_s must be >= 0, got {replica_start_s}")
+    run = _Run(
+        fleet,
+        policy,
+        sessions,
+        max_concurrency,
+        autoscaler,
+        autoscaling_interval_s,
+        replica_start_s=replica_start_s,
+    )
     return run.execute(arrival_times)
 
 
 # Event kinds: indexes into _Run._handlers.
-_DUE, _ROUTE, _STEP_END, _STATS, _SCALE = range(5)
+_DUE, _ROUTE, _STEP_END, _STATS, _SCALE, _READY = range(6)
 
 
 class _Replica:
@@ -276,8 +291,10 @@ class _Run:
         max_concurrency: int | None,
         autoscaler: AutoscalingHook | None,
         autoscaling_interval_s: float,
+        replica_start_s: float = 0.0,
     ) -> None:
         self._fleet = fleet
+        self._replica_start_s = replica_start_s
         self._policy = policy
         self._block_size = fleet.profile.block_size
         self._runs = [_SessionRun(i, s) for i, s in enumerate(sessions)]
@@ -295,7 +312,10 @@ class _Run:
             self._on_step_end,
             self._on_stats,
             self._on_scale,
+            self._on_ready,
         )
+        self._starting: dict[str, _Replica] = {}  # added by the autoscaler, not routable yet
+        self._allocated_series: list[tuple[float, int]] = []
 
         self._replicas: dict[str, _Replica] = {}  # routable, in creation order
         self._all_replicas: list[_Replica] = []
@@ -323,6 +343,7 @@ class _Run:
         for _ in range(self._fleet.num_replicas):
             self._add_replica()
         self._replica_series.append((0.0, len(self._replicas)))
+        self._allocated_series.append((0.0, len(self._replicas)))
         self._push(0.0, _STATS, None)
         if self._autoscaler is not None:
             self._push(self._autoscaling_interval_s, _SCALE, None)
@@ -568,7 +589,7 @@ class _Run:
 
     # -- the fleet -----------------------------------------------------------------------------
 
-    def _add_replica(self) -> None:
+    def _add_replica(self, t: float = 0.0, start_s: float = 0.0) -> None:
         fleet = self._fleet
         replica_id = f"replica-{self._next_replica}"
         self._next_replica += 1
@@ -576,8 +597,19 @@ class _Run:
             fleet.profile, seed=fleet.engine_seed, vocab_size=fleet.vocab_size
         )
         replica = _Replica(replica_id, core)
-        self._replicas[replica_id] = replica
         self._all_replicas.append(replica)
+        if start_s > 0:
+            self._starting[replica_id] = replica
+            self._push(t + start_s, _READY, replica)
+        else:
+            self._replicas[replica_id] = replica
+
+    def _on_ready(self, t: float, replica: _Replica) -> None:
+        if self._starting.pop(replica.replica_id, None) is None:
+            return  # cancelled by a scale-down while it was starting
+        self._replicas[replica.replica_id] = replica
+        self._replica_series.append((t, len(self._replicas)))
+        self._drain_router_queue(t)
 
     def _on_scale(self, t: float, _: None) -> None:
         assert self._autoscaler is not None
@@ -588,17 +620,25 @@ class _Run:
                 for replica_id, replica in self._replicas.items()
             },
             num_queued=len(self._router_queue),
+            num_starting=len(self._starting),
         )
         target, self._autoscaler_state = self._autoscaler(metrics, self._autoscaler_state, t)
         # Scale to zero is not modelled: a request waiting for a replica that never comes would
         # keep the simulation running forever.
         target = max(1, target)
-        current = len(self._replicas)
-        if target > current:
-            for _ in range(target - current):
-                self._add_replica()
+        routable = len(self._replicas)
+        allocated = routable + len(self._starting)
+        if target > allocated:
+            for _ in range(target - allocated):
+                self._add_replica(t, self._replica_start_s)
             self._drain_router_queue(t)
-        elif target < current:
+        while target < allocated and self._starting:
+            # Like Serve, a scale-down first cancels replicas that are still starting.
+            cancelled = self._starting.pop(next(reversed(self._starting)))
+            self._all_replicas.remove(cancelled)  # it never ran: no busy time to account
+            allocated -= 1
+        current = len(self._replicas)
+        if target < current:
             # Stop the replicas with the least in flight, newest first on ties; like Serve's
             # graceful shutdown, a stopped replica gets no new requests but finishes its own.
             newest_first = reversed(list(self._replicas.values()))
@@ -606,8 +646,11 @@ class _Run:
             for replica in victims:
                 del self._replicas[replica.replica_id]
                 self._policy.on_replica_removed(replica.replica_id)
-        if target != current:
+        if len(self._replicas) != routable:
             self._replica_series.append((t, len(self._replicas)))
+        allocated = len(self._replicas) + len(self._starting)
+        if allocated != self._allocated_series[-1][1]:
+            self._allocated_series.append((t, allocated))
         if self._remaining:
             self._push(t + self._autoscaling_interval_s, _SCALE, None)
 
@@ -636,6 +679,10 @@ class _Run:
             # Every replica idle the whole run (zero-latency profile) is perfectly balanced.
             load_imbalance=max(busy.values()) / mean_busy if mean_busy > 0 else 1.0,
             replicas_over_time=series,
+            allocated_over_time=[
+                *self._allocated_series,
+                (self._last_end, len(self._replicas) + len(self._starting)),
+            ],
             busy_s=busy,
             mean_in_flight=in_flight,
             queue_imbalance=(

@@ -34,14 +34,20 @@ CONFIG = ModelAutoscalingConfig(
 
 
 def metrics(
-    target: int, load: float, kv: float = 0.0, queued: float = 0.0, capacity: int | None = None
+    target: int,
+    load: float,
+    kv: float = 0.0,
+    queued: float = 0.0,
+    capacity: int | None = None,
+    running: int | None = None,
 ) -> ScalingMetrics:
-    """`load` spread evenly over `target` running replicas, as running requests."""
-    replicas = [ReplicaLoad(running=load / max(target, 1), waiting=0.0, kv_cache_usage=kv)]
+    """`load` spread evenly over the running replicas (all of `target` unless `running`)."""
+    running = target if running is None else running
+    replicas = [ReplicaLoad(running=load / max(running, 1), waiting=0.0, kv_cache_usage=kv)]
     return ScalingMetrics(
-        current_replicas=target,
+        current_replicas=running,
         target_replicas=target,
-        replicas=replicas * target,
+        replicas=replicas * running,
         queued=queued,
         capacity=capacity,
     )
@@ -104,6 +110,26 @@ def test_a_load_spike_restarts_the_downscale_delay() -> None:
     run.tick(load=35)  # back inside the band: the low period is over
     targets = [run.tick(load=5) for _ in range(31)]
     assert targets[:30] == [4] * 30 and targets[30] == 2
+
+
+def test_no_scale_down_while_the_last_scale_up_is_starting() -> None:
+    """Regression (seen on Ray with 2 cores): replicas starting for 40 s starved the router, the
+    engines' queues read low, and a 3 s delay cancelled the replicas the load had asked for."""
+    run = Run(target=4)
+    for _ in range(40):
+        assert run.tick(load=2, running=1) == 4
+    assert (
+        "3 replicas still starting"
+        in decide(metrics(4, 2, running=1), CONFIG, run.state, 0)[0].reason
+    )
+    targets = [run.tick(load=2) for _ in range(31)]  # all up: now the low period counts
+    assert targets[:30] == [4] * 30 and targets[30] == 2
+
+
+def test_replicas_stuck_starting_do_not_block_scale_down_forever() -> None:
+    run = Run(target=4)
+    targets = [run.tick(load=2, running=1) for _ in range(700)]
+    assert targets[599] == 4 and targets[-1] < 4
 
 
 def test_no_flapping_under_noisy_load() -> None:

@@ -481,3 +481,27 @@ def test_the_policys_cache_predictions_are_compared_with_the_engines(
         assert result.cached_tokens_predicted > 0
     else:  # no view of the caches: nothing predicted, nothing compared
         assert (result.cached_tokens_predicted, result.cached_tokens_found) == (0, 0)
+
+
+def test_replicas_added_by_the_autoscaler_start_after_the_delay_and_can_be_cancelled() -> None:
+    sessions = [Session(f"s{i}", (Turn(tuple(range(i, i + 64)), 40),)) for i in range(40)]
+
+    def autoscaler(metrics: AutoscalingMetrics, state: Any, now: float) -> tuple[int, Any]:
+        # Ask for 3 at 1 s, then for 2 at 3 s (one of the starting ones is cancelled).
+        return (3 if now < 3.0 else 2), None
+
+    policy = Recorder("round_robin")
+    result = simulate(
+        FleetSpec(small_profile(), 1),
+        policy,
+        sessions,
+        [0.2 * i for i in range(40)],
+        autoscaler=autoscaler,
+        autoscaling_interval_s=1.0,
+        replica_start_s=5.0,
+    )
+    assert all(r.ok for r in result.records)
+    assert result.allocated_over_time[:3] == [(0.0, 1), (1.0, 3), (3.0, 2)]
+    assert result.replicas_over_time[:2] == [(0.0, 1), (6.0, 2)]  # routable 5 s after asked
+    assert len(result.busy_s) == 2  # the cancelled replica never ran
+    assert {r.replica for r in result.records if r.start_s < 6.0} == {"replica-0"}
