@@ -166,6 +166,16 @@ class ScalingConfig(StrictModel):
         return self
 
 
+class RouterScalingConfig(ScalingConfig):
+    """Autoscaling of the router replicas on their own ongoing requests."""
+
+    target_per_replica: PositiveFloat = Field(
+        256.0,
+        description="Ongoing requests per router replica the policy sizes for (a router replica "
+        "mostly waits on engines: it holds many requests at once).",
+    )
+
+
 class ModelAutoscalingConfig(ScalingConfig):
     """Autoscaling of a model's LLMServer replicas on their engines' queues and KV usage."""
 
@@ -448,8 +458,8 @@ class RouterConfig(StrictModel):
     health_check_timeout_s: PositiveFloat = Field(
         10.0, description="How long GET /health waits for each model's replicas."
     )
-    autoscaling: ScalingConfig = Field(
-        default_factory=lambda: ScalingConfig(target_per_replica=256.0),
+    autoscaling: RouterScalingConfig = Field(
+        default_factory=RouterScalingConfig,
         description="Router replicas from their own ongoing requests; num_replicas is then the "
         "initial count.",
     )

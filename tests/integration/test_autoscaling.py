@@ -26,6 +26,8 @@ pytestmark = pytest.mark.integration
 BUSY, COLD = "busy", "cold"
 FAST_METRICS = {"metrics_interval_s": 0.5, "look_back_period_s": 1.5}
 MAX_TOKENS = 150  # ~1 s of decoding per request at the profile's ~5-6 ms steps
+# After the step down: requests long enough (~4 s) that replicas being removed are mid-request.
+LONG_MAX_TOKENS = 600
 
 
 @pytest.fixture(scope="module")
@@ -74,6 +76,7 @@ class Load:
     base_url: str
     model: str
     users: int = 0
+    max_tokens: int = MAX_TOKENS
     completed: int = 0
     failures: list[str] = field(default_factory=list)
 
@@ -83,11 +86,12 @@ class Load:
                 if index >= self.users:
                     await asyncio.sleep(0.05)
                     continue
-                body = {"model": self.model, "prompt": f"user {index}", "max_tokens": MAX_TOKENS}
+                max_tokens = self.max_tokens
+                body = {"model": self.model, "prompt": f"user {index}", "max_tokens": max_tokens}
                 response = await http.post("/v1/completions", json=body)
                 if response.status_code != 200:
                     self.failures.append(f"{response.status_code} {response.text[:200]}")
-                elif response.json()["usage"]["completion_tokens"] != MAX_TOKENS:
+                elif response.json()["usage"]["completion_tokens"] != max_tokens:
                     self.failures.append(f"short answer: {response.text[:200]}")
                 else:
                     self.completed += 1
@@ -116,7 +120,8 @@ async def test_stepped_load_scales_up_and_back_down_without_a_failed_request(app
         high = await watch(BUSY, 120, until=4)  # replica start: 6-30 s here
         reached_at = time.time()
         high += await watch(BUSY, 3)
-        load.users = 2  # under load still: the scale-down must not drop a request
+        # Under load still: replicas are removed mid-request and must drain, not drop.
+        load.users, load.max_tokens = 2, LONG_MAX_TOKENS
         down = await watch(BUSY, 90, until=1)
     finally:
         stop.set()
