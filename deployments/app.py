@@ -35,17 +35,14 @@ def build_app(args: AppConfig | dict[str, Any]) -> Application:
                     scaling, model.num_replicas, "engine", asdict(placement)
                 )
             }
-            if scaling.min_replicas == 0:
-                # The bounded buffer of a model at zero: requests wait at the router's handle
-                # for a replica; beyond this many, BackPressureError (a 503 with Retry-After).
-                replicas["max_queued_requests"] = scaling.cold_start_max_queued
         llm_servers[model.name] = (
             serve.deployment(LLMServer)
             .options(
                 name=deployment_name(model.name),
                 **replicas,
                 max_ongoing_requests=model.max_ongoing_requests,
-                # The router turns the handle's BackPressureError into an OpenAI-shaped 503.
+                # The router turns the handle's BackPressureError into an OpenAI-shaped 503. It is
+                # also the bounded buffer of a model at zero replicas (held until one is ready).
                 max_queued_requests=model.max_queued_requests,
                 # The replica actor sits in the first bundle (which reserves replica_cpus for it
                 # on top of the first worker's share).

@@ -201,12 +201,8 @@ class ModelAutoscalingConfig(ScalingConfig):
     cold_start_timeout_s: PositiveFloat = Field(
         180.0,
         description="With min_replicas 0: how long the router holds a request for its first "
-        "output (a replica starting, then the prefill); beyond it, 503 with Retry-After.",
-    )
-    cold_start_max_queued: PositiveInt = Field(
-        64,
-        description="With min_replicas 0: requests each router replica holds while no replica "
-        "can take them (Serve's max_queued_requests); beyond it, 503 with Retry-After.",
+        "output (a replica starting, then the prefill); beyond it, 503 with Retry-After. How "
+        "many it holds is max_queued_requests.",
     )
 
 
