@@ -1,0 +1,89 @@
+"""The autoscaling benchmark's parts: traces, Ray's default policy as re-implemented, figures."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+
+from loadtest.arrivals import bursty_trace, diurnal_trace
+from loadtest.bench_autoscaling import oscillations, replica_seconds, window_p95
+from loadtest.simulator.ray_autoscaler import MetricWindow, RayAutoscalingConfig, RayDefaultPolicy
+from loadtest.spec import RequestRecord
+
+
+def rate_in(times: list[float], start: float, end: float) -> float:
+    return sum(start <= t < end for t in times) / (end - start)
+
+
+def test_diurnal_trace_follows_the_day() -> None:
+    times = diurnal_trace(3600, 2, 40, 3600, random.Random(1))
+    assert times == sorted(times)
+    assert rate_in(times, 0, 300) == pytest.approx(2.9, rel=0.2)  # night: near the low rate
+    assert rate_in(times, 1650, 1950) == pytest.approx(39.7, rel=0.1)  # mid-period: the peak
+    assert rate_in(times, 3300, 3600) == pytest.approx(2.9, rel=0.2)
+
+
+def test_bursty_trace_has_bursts_at_the_burst_rate() -> None:
+    times = bursty_trace(3600, 5, 50, 60, 300, random.Random(2))
+    per_10s = [rate_in(times, s, s + 10) for s in range(0, 3600, 10)]
+    high = [r for r in per_10s if r > 25]
+    assert 30 <= len(high) <= 120  # ~8 bursts of 6 windows
+    assert sum(high) / len(high) == pytest.approx(50, rel=0.1)
+    low = [r for r in per_10s if r <= 25]
+    assert sum(low) / len(low) == pytest.approx(5, rel=0.2)
+
+
+def test_metric_window_sees_only_pushed_samples_averaged_over_the_look_back() -> None:
+    window = MetricWindow.of(look_back_s=30, push_interval_s=10)
+    assert window.record_interval_s == 6  # min(30 x 0.2, 10), as Ray records
+    seen = [window.observe(float(t), 100.0 if t >= 20 else 0.0) for t in range(0, 61)]
+    assert seen[19] == 0.0
+    assert seen[25] == 0.0  # recorded at 24 s, but the last push was at 20 s
+    assert seen[30] == pytest.approx(100 * 2 / 6)  # samples 0..30: 0,6,12,18 -> 0; 24,30 -> 100
+    assert seen[60] == 100.0
+
+
+def test_ray_default_waits_its_upscale_delay_and_uses_its_target() -> None:
+    policy = RayDefaultPolicy(RayAutoscalingConfig())
+    targets = []
+    target = 1
+    for t in range(120):
+        target = policy.decide(float(t), ongoing=20.0, running=target, target=target)
+        targets.append(target)
+    first_up = targets.index(10)  # 20 ongoing / target 2
+    assert 30 <= first_up <= 45  # first push at 10 s, then the 30 s delay
+    assert set(targets[:first_up]) == {1}
+
+
+def test_ray_default_downscale_waits_600_s() -> None:
+    policy = RayDefaultPolicy(RayAutoscalingConfig(target_ongoing_requests=2))
+    target, history = 5, []
+    for t in range(700):
+        target = policy.decide(float(t), 0.0, target, target)
+        history.append(target)
+    assert history[599] == 5 and history[-1] == 1
+
+
+def test_figures() -> None:
+    series = [(0.0, 1), (10.0, 3), (20.0, 2), (300.0, 4)]
+    assert replica_seconds(series, 400.0) == 10 + 30 + 560 + 400
+    assert oscillations(series, 30.0) == 1  # up at 10 s, down at 20 s; up again 280 s later
+    assert oscillations(series, 600.0) == 2
+    records = []
+    for i, ttft in enumerate([0.1] * 19 + [5.0]):
+        records.append(
+            RequestRecord(
+                index=i,
+                session_id=str(i),
+                turn=0,
+                scheduled_s=1.0,
+                start_s=1.0,
+                end_s=9.0,
+                status=200,
+                prompt_tokens=1,
+                output_tokens=1,
+                token_times_s=[1.0 + ttft],
+            )
+        )
+    assert window_p95(records, 20.0) == [pytest.approx(0.1), None]  # p95 of 20: the 19th
