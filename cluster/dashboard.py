@@ -174,6 +174,22 @@ PANELS: tuple[Panel, ...] = (
         "How far the routers' view of each replica's cache lagged the engine.",
     ),
     Panel(
+        "Autoscaler: desired vs current replicas",
+        "short",
+        (
+            Query(
+                "max by (deployment, reason) (ray_autoscaler_desired_replicas)",
+                "desired {{deployment}} ({{reason}})",
+            ),
+            Query(
+                "max by (deployment) (ray_autoscaler_current_replicas)",
+                "current {{deployment}}",
+            ),
+        ),
+        "What the autoscaling policy asked for at its last decision and why "
+        "(deployments/autoscaling.py), against the replicas running then.",
+    ),
+    Panel(
         "HTTP requests/s by status (Serve proxy)",
         "reqps",
         (

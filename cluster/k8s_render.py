@@ -21,7 +21,7 @@ import yaml
 
 from cluster.config import EMBEDDED, ClusterConfig, KubernetesConfig
 from cluster.embedded_model import MODEL_DIR_NAME
-from deployments.config import ModelConfig
+from deployments.config import ModelConfig, ScalingConfig
 from deployments.placement import replica_placement
 
 BASE_RAYSERVICE = Path(__file__).parents[1] / "k8s" / "base" / "rayservice.yaml"
@@ -106,11 +106,13 @@ def _template_group(base: dict[str, Any]) -> dict[str, Any]:
 
 def _router_group(config: ClusterConfig, template: dict[str, Any]) -> dict[str, Any]:
     router = config.router
+    low, high = _pod_bounds(router.num_replicas, router.autoscaling, stages=1)
     return _group(
         template,
         name=ROUTER_GROUP,
         pods=router.num_replicas,
-        max_pods=router.num_replicas,
+        min_pods=low,
+        max_pods=high,
         ray_cpus=math.ceil(router.cpus) or 1,
         gpus=0,
         memory_gib=config.kubernetes.router_memory_gib,
@@ -126,13 +128,16 @@ def _model_group(
     stage = replica_placement(model).bundles[: model.tensor_parallel_size]
     cpus = sum(bundle.get("CPU", 0.0) for bundle in stage)
     gpus = model.tensor_parallel_size if model.device == "gpu" else 0
-    pods = model.num_replicas * model.pipeline_parallel_size
+    stages = model.pipeline_parallel_size
+    pods = model.num_replicas * stages
+    low, high = _pod_bounds(model.num_replicas, model.autoscaling, stages=stages)
     memory = k8s.memory_gib_per_gpu * gpus if gpus else k8s.cpu_worker_memory_gib
     return _group(
         template,
         name=_group_name(model.name),
         pods=pods,
-        max_pods=pods,
+        min_pods=low,
+        max_pods=high,
         ray_cpus=max(1, math.ceil(cpus)),
         gpus=gpus,
         memory_gib=memory,
@@ -140,11 +145,20 @@ def _model_group(
     )
 
 
+def _pod_bounds(replicas: int, scaling: ScalingConfig, *, stages: int) -> tuple[int, int]:
+    """The worker group's pod bounds: the deployment's replica bounds when it autoscales (Ray's
+    autoscaler then adds and removes pods as Serve places replicas), else its fixed count."""
+    if not scaling.enabled:
+        return replicas * stages, replicas * stages
+    return scaling.min_replicas * stages, scaling.max_replicas * stages
+
+
 def _group(
     template: dict[str, Any],
     *,
     name: str,
     pods: int,
+    min_pods: int,
     max_pods: int,
     ray_cpus: int,
     gpus: int,
@@ -152,7 +166,7 @@ def _group(
     k8s: KubernetesConfig,
 ) -> dict[str, Any]:
     group = copy.deepcopy(template)
-    group.update(groupName=name, replicas=pods, minReplicas=pods, maxReplicas=max_pods)
+    group.update(groupName=name, replicas=pods, minReplicas=min_pods, maxReplicas=max_pods)
     group["rayStartParams"].update({"num-cpus": str(ray_cpus), "num-gpus": str(gpus)})
     pod = group["template"]["spec"]
     container = pod["containers"][0]

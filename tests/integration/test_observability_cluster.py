@@ -105,7 +105,14 @@ def cluster(embedded_model: Path, collector: Collector) -> Iterator[tuple[str, i
     port = free_port()
     config = AppConfig(
         router=RouterConfig(cpus=0.1),
-        models=[simulated_model(embedded_model, num_replicas=2)],
+        # Autoscaled within [2, 3], so the autoscaler's panel has data and the fleet holds.
+        models=[
+            simulated_model(
+                embedded_model,
+                num_replicas=2,
+                autoscaling={"enabled": True, "min_replicas": 2, "max_replicas": 3},
+            )
+        ],
         observability=ObservabilityConfig(
             accelerator_hourly_usd=2.5,
             tracing=TracingConfig(
