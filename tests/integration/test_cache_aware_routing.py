@@ -7,12 +7,9 @@ from pathlib import Path
 
 import httpx
 import pytest
-import ray
-from ray import serve
 
-from cluster import runtime
 from deployments.config import AppConfig, RouterConfig
-from tests.integration.conftest import free_port, simulated_model
+from tests.integration.conftest import served, simulated_model
 
 pytestmark = pytest.mark.integration
 
@@ -23,14 +20,8 @@ def cache_load_app(embedded_model: Path) -> Iterator[str]:
         embedded_model, routing={"policy": "cache_load", "seed": 3, "stats_period_s": 0.2}
     )
     config = AppConfig(router=RouterConfig(cpus=0.1), models=[model])
-    ray.init(address="local", num_cpus=4, logging_level="ERROR", include_dashboard=False)
-    port = free_port()
-    try:
-        runtime.deploy(config, host="127.0.0.1", port=port, timeout_s=180)
-        yield f"http://127.0.0.1:{port}"
-    finally:
-        serve.shutdown()
-        ray.shutdown()
+    with served(config) as url:
+        yield url
 
 
 def test_repeats_of_a_prefix_follow_its_cache(cache_load_app: str) -> None:

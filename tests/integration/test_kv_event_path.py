@@ -8,12 +8,11 @@ from pathlib import Path
 
 import httpx
 import pytest
-import ray
 from ray import serve
 
 from cluster import runtime
 from deployments.config import AppConfig, RouterConfig, deployment_name
-from tests.integration.conftest import free_port, simulated_model
+from tests.integration.conftest import served, simulated_model
 
 pytestmark = pytest.mark.integration
 
@@ -33,14 +32,8 @@ def two_replica_app(embedded_model: Path) -> Iterator[str]:
         },
     )
     config = AppConfig(router=RouterConfig(cpus=0.1), models=[model])
-    ray.init(address="local", num_cpus=4, logging_level="ERROR", include_dashboard=False)
-    port = free_port()
-    try:
-        runtime.deploy(config, host="127.0.0.1", port=port, timeout_s=180)
-        yield f"http://127.0.0.1:{port}"
-    finally:
-        serve.shutdown()
-        ray.shutdown()
+    with served(config) as url:
+        yield url
 
 
 def _cached_tokens(http: httpx.Client, prompt: str, max_tokens: int = 2) -> int:
