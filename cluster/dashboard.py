@@ -49,6 +49,14 @@ def _rate(metric: str, by: str) -> str:
     return f"sum by ({by}) (rate({metric}[{RATE_WINDOW}]))"
 
 
+def _token_rates(prefix: str, by: str) -> tuple[Query, ...]:
+    """Prompt, completion and cached tokens/s from `<prefix>_<kind>_tokens_total`, per `by`."""
+    return tuple(
+        Query(_rate(f"{prefix}_{kind}_tokens_total", by), f"{kind} {{{{{by}}}}}")
+        for kind in ("prompt", "completion", "cached")
+    )
+
+
 # Cost per million tokens: what the replicas' accelerators cost per hour (replica_cost_per_hour_usd,
 # from observability.accelerator_hourly_usd) over the tokens they produced in that hour, measured
 # over a longer window than the rates so that it does not swing with each burst.
@@ -71,10 +79,7 @@ PANELS: tuple[Panel, ...] = (
     Panel(
         "Tokens/s: prompt, completion, cached (router)",
         "short",
-        tuple(
-            Query(_rate(f"ray_router_{kind}_tokens_total", "model"), f"{kind} {{{{model}}}}")
-            for kind in ("prompt", "completion", "cached")
-        ),
+        _token_rates("ray_router", by="model"),
     ),
     Panel(
         "Cached share of prompt tokens",
@@ -91,10 +96,7 @@ PANELS: tuple[Panel, ...] = (
     Panel(
         "Usage by tenant: tokens/s",
         "short",
-        tuple(
-            Query(_rate(f"ray_tenant_{kind}_tokens_total", "tenant"), f"{kind} {{{{tenant}}}}")
-            for kind in ("prompt", "completion", "cached")
-        ),
+        _token_rates("ray_tenant", by="tenant"),
     ),
     Panel(
         "Estimated cost per million tokens (USD)",

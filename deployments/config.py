@@ -165,6 +165,15 @@ class ScalingConfig(StrictModel):
             raise ValueError("look_back_period_s must be longer than metrics_interval_s")
         return self
 
+    def check_initial_replicas(self, num_replicas: int) -> None:
+        """When autoscaled, num_replicas is the count the deployment starts with: one the policy
+        could choose, and at least 1 (a deployment starts serving; zero comes from idling)."""
+        if self.enabled and not max(self.min_replicas, 1) <= num_replicas <= self.max_replicas:
+            raise ValueError(
+                f"num_replicas ({num_replicas}) is the initial count of an autoscaled "
+                f"deployment: it must be within [max(1, min_replicas), max_replicas]"
+            )
+
 
 class RouterScalingConfig(ScalingConfig):
     """Autoscaling of the router replicas on their own ongoing requests."""
@@ -331,14 +340,7 @@ class ModelConfig(StrictModel):
                 self.simulated = SimulatedEngineConfig()
         elif self.simulated is not None:
             raise ValueError("`simulated` settings apply to engine: simulated only")
-        scaling = self.autoscaling
-        if scaling.enabled and not (
-            max(scaling.min_replicas, 1) <= self.num_replicas <= scaling.max_replicas
-        ):
-            raise ValueError(
-                f"num_replicas ({self.num_replicas}) is the initial count of an autoscaled "
-                f"model: it must be within [max(1, min_replicas), max_replicas]"
-            )
+        self.autoscaling.check_initial_replicas(self.num_replicas)
         if self.device == "cpu" and self.pipeline_parallel_size > 1:
             raise ValueError(
                 "pipeline_parallel_size > 1 needs vLLM's Ray executor, which is GPU-only "
@@ -462,15 +464,12 @@ class RouterConfig(StrictModel):
 
     @model_validator(mode="after")
     def _router_scaling(self) -> RouterConfig:
-        scaling = self.autoscaling
-        if scaling.enabled and (
-            scaling.min_replicas < 1
-            or not scaling.min_replicas <= self.num_replicas <= scaling.max_replicas
-        ):
+        if self.autoscaling.enabled and self.autoscaling.min_replicas < 1:
             raise ValueError(
                 "an autoscaled router needs min_replicas >= 1 (it receives the requests that "
-                "would wake it) and num_replicas within [min_replicas, max_replicas]"
+                "would wake it)"
             )
+        self.autoscaling.check_initial_replicas(self.num_replicas)
         return self
 
 

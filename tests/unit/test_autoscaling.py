@@ -17,7 +17,7 @@ from deployments.autoscaling import (
     ServeAutoscalingPolicy,
     decide,
 )
-from deployments.config import ModelAutoscalingConfig, ModelConfig, ScalingConfig
+from deployments.config import ModelAutoscalingConfig, ModelConfig, RouterConfig, ScalingConfig
 from deployments.placement import replica_placement, replicas_that_fit
 
 CONFIG = ModelAutoscalingConfig(
@@ -293,3 +293,18 @@ def test_initial_replicas_must_be_within_bounds() -> None:
             num_replicas=9,
             autoscaling={"enabled": True, "max_replicas": 4},
         )
+
+
+@pytest.mark.parametrize(
+    ("num_replicas", "scaling", "message"),
+    [
+        (1, {"enabled": True, "min_replicas": 0}, "min_replicas >= 1"),
+        (5, {"enabled": True, "min_replicas": 1, "max_replicas": 4}, "initial count"),
+        (1, {"enabled": True, "min_replicas": 2, "max_replicas": 4}, "initial count"),
+    ],
+)
+def test_an_autoscaled_router_starts_within_its_bounds(
+    num_replicas: int, scaling: dict[str, Any], message: str
+) -> None:
+    with pytest.raises(ValidationError, match=message):
+        RouterConfig(num_replicas=num_replicas, autoscaling=scaling)
