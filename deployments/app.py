@@ -15,9 +15,9 @@ from ray.serve.config import BackpressureConfig, RequestRouterConfig
 from deployments.autoscaling import serve_autoscaling_config
 from deployments.config import AppConfig, deployment_name
 from deployments.llm_server import LLMServer
-from deployments.observability.routing import TracedRequestRouter
 from deployments.placement import replica_placement
 from deployments.router import Router
+from deployments.routing.serve_router import PolicyRequestRouter
 
 ROUTER_DEPLOYMENT = "Router"
 
@@ -56,7 +56,7 @@ def build_app(args: AppConfig | dict[str, Any]) -> Application:
                 placement_group_strategy=placement.strategy,
                 # Engine start takes a minute on CPU; health checks wait for it.
                 request_router_config=RequestRouterConfig(
-                    request_router_class=TracedRequestRouter,
+                    request_router_class=PolicyRequestRouter,
                     request_router_kwargs={
                         "tracing": config.observability.tracing.model_dump(),
                         "policy": model.routing.policy,

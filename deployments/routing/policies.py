@@ -60,6 +60,9 @@ class _StatelessHooks:
     def on_kv_events(self, replica_id: str, events: Sequence[KVCacheEvent]) -> None:
         pass
 
+    def tracked_requests(self) -> int:
+        return 0
+
 
 class RoundRobin(_StatelessHooks):
     """Each request starts one further along the candidates; the rest follow in cyclic order as
@@ -233,6 +236,9 @@ class PrefixAffinity:
 
     def on_kv_events(self, replica_id: str, events: Sequence[KVCacheEvent]) -> None:
         pass  # Ray's router never sees engine truth: that is the baseline
+
+    def tracked_requests(self) -> int:
+        return 0  # the index is per block, not per request
 
 
 class CacheLoadParams(PolicyParams):
@@ -584,6 +590,10 @@ class CacheLoad:
 
     def on_kv_events(self, replica_id: str, events: Sequence[KVCacheEvent]) -> None:
         self._index.apply(replica_id, events)
+
+    def tracked_requests(self) -> int:
+        # A request is queued only while it is one of ours (_ReplicaLoad.finished drops both).
+        return sum(len(load.ours) for load in self._loads.values())
 
     def _load(self, replica_id: str) -> _ReplicaLoad:
         load = self._loads.get(replica_id)

@@ -107,6 +107,10 @@ class RoutingPolicy(Protocol):
     def on_kv_events(self, replica_id: str, events: Sequence[KVCacheEvent]) -> None:
         """KV cache events the replica's engine emitted since the last call, oldest first."""
 
+    def tracked_requests(self) -> int:
+        """Requests routed and not finished the policy keeps an entry for: 0 once every
+        `on_routed` had its `on_finished` (or its replica was removed), else state leaked."""
+
 
 class PolicyClass(Protocol):
     """A policy class: its parameters model (defaults for every field, unknown keys refused, so

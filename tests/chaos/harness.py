@@ -4,7 +4,9 @@ Invariants checked after every fault:
 - no request failed that had not started streaming (the client never saw the fault);
 - every stream ended with [DONE] or an error event (never cut, never hung);
 - every engine's running and waiting counts return to 0;
-- the fleet returns to its target size, every replica RUNNING.
+- the fleet returns to its target size, every replica RUNNING;
+- no routing state leaked: every live router's router_tracked_requests returns to 0
+  (tests/integration/conftest.py: wait_for_no_routing_state).
 """
 
 from __future__ import annotations

@@ -22,7 +22,12 @@ from tests.chaos.harness import (
     wait_for_fleet,
     wait_for_idle_engines,
 )
-from tests.integration.conftest import free_port, simulated_model
+from tests.integration.conftest import (
+    free_port,
+    simulated_model,
+    start_local_ray,
+    wait_for_no_routing_state,
+)
 
 pytestmark = pytest.mark.chaos
 
@@ -40,8 +45,14 @@ def app_config(embedded_model: Path, llm_replicas: int) -> AppConfig:
 
 
 @pytest.fixture(scope="module")
-def cluster(embedded_model: Path) -> Iterator[str]:
-    ray.init(address="local", num_cpus=4, logging_level="ERROR", include_dashboard=False)
+def metrics_port() -> int:
+    """Where Ray's metrics endpoint serves the routers' router_tracked_requests."""
+    return free_port()
+
+
+@pytest.fixture(scope="module")
+def cluster(embedded_model: Path, metrics_port: int) -> Iterator[str]:
+    start_local_ray(metrics_port)
     port = free_port()
     runtime.deploy(
         app_config(embedded_model, LLM_REPLICAS), host="127.0.0.1", port=port, timeout_s=180
@@ -53,16 +64,19 @@ def cluster(embedded_model: Path) -> Iterator[str]:
         ray.shutdown()
 
 
-def check_invariants(counts: ChaosCounts, llm_replicas: int = LLM_REPLICAS) -> None:
+def check_invariants(
+    counts: ChaosCounts, metrics_port: int, llm_replicas: int = LLM_REPLICAS
+) -> None:
     print(counts.summary())  # the numbers, for the run's log
     assert counts.requests > 0 and counts.ok > 0, counts.summary()
     assert not counts.failed_before_streaming, counts.failed_before_streaming[:5]
     assert not counts.streams_cut, counts.streams_cut[:5]
     wait_for_idle_engines()
     wait_for_fleet({"LLMServer": llm_replicas, "Router": ROUTER_REPLICAS})
+    wait_for_no_routing_state(metrics_port)
 
 
-async def test_kill_an_llm_server_replica_under_load(cluster: str) -> None:
+async def test_kill_an_llm_server_replica_under_load(cluster: str, metrics_port: int) -> None:
     async def fault() -> None:
         await asyncio.sleep(KILL_AT_S)
         kill_actor(replica_actors("LLMServer")[0])
@@ -70,10 +84,10 @@ async def test_kill_an_llm_server_replica_under_load(cluster: str) -> None:
     counts, _ = await load_during(
         cluster, fault, count=COUNT, rate=RATE, output_len=OUTPUT_LEN, seed=1
     )
-    check_invariants(counts)
+    check_invariants(counts, metrics_port)
 
 
-async def test_kill_a_router_replica_under_load(cluster: str) -> None:
+async def test_kill_a_router_replica_under_load(cluster: str, metrics_port: int) -> None:
     """Serve's proxy cannot move a request whose router replica died: those in flight on it
     fail (a 500 before their first byte, a cut stream after). What must hold: the damage is
     limited to them, requests sent after the kill all succeed, and nothing leaks."""
@@ -90,9 +104,10 @@ async def test_kill_a_router_replica_under_load(cluster: str) -> None:
     assert later and all(r.ok for r in later), [r.error for r in later if not r.ok][:5]
     wait_for_idle_engines()
     wait_for_fleet({"LLMServer": LLM_REPLICAS, "Router": ROUTER_REPLICAS})
+    wait_for_no_routing_state(metrics_port)
 
 
-async def test_scale_down_under_load(cluster: str, embedded_model: Path) -> None:
+async def test_scale_down_under_load(cluster: str, metrics_port: int, embedded_model: Path) -> None:
     async def fault() -> None:
         await asyncio.sleep(KILL_AT_S)
         smaller = app_config(embedded_model, LLM_REPLICAS - 1)
@@ -102,10 +117,10 @@ async def test_scale_down_under_load(cluster: str, embedded_model: Path) -> None
     counts, _ = await load_during(
         cluster, fault, count=COUNT, rate=RATE, output_len=OUTPUT_LEN, seed=3
     )
-    check_invariants(counts, llm_replicas=LLM_REPLICAS - 1)
+    check_invariants(counts, metrics_port, llm_replicas=LLM_REPLICAS - 1)
 
 
-async def test_200_clients_disconnect_at_once_mid_stream(cluster: str) -> None:
+async def test_200_clients_disconnect_at_once_mid_stream(cluster: str, metrics_port: int) -> None:
     payload = {"model": "sim", "prompt": "go " * 32, "max_tokens": 2000, "stream": True}
     started = asyncio.Event()
     leave = asyncio.Event()
@@ -132,3 +147,4 @@ async def test_200_clients_disconnect_at_once_mid_stream(cluster: str) -> None:
     assert first_chunks == 200
     # Each disconnect must reach its engine as an abort, well before 2000 tokens are generated.
     wait_for_idle_engines(timeout_s=8)
+    wait_for_no_routing_state(metrics_port)

@@ -9,12 +9,15 @@ Python offers replaced by one that fails the test.
 from __future__ import annotations
 
 import asyncio
+import threading
 import time
-from collections.abc import Coroutine, Iterator
+from collections.abc import Callable, Coroutine, Iterator
 from typing import Any
 
 import pytest
 import ray
+from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 from ray.serve._private.common import DeploymentHandleSource, DeploymentID, RequestMetadata
 from ray.serve._private.request_router.common import PendingRequest
 from ray.serve._private.test_utils import FakeRunningReplica
@@ -26,6 +29,8 @@ from deployments.engines.base import (
     EngineStats,
     SamplingParams,
 )
+from deployments.observability.config import TracingConfig
+from deployments.observability.tracing import tracer, tracer_provider
 from deployments.routing.hashing import block_hashes
 from deployments.routing.kv_log import KVEventLog
 from deployments.routing.policy import RoutingHint
@@ -65,14 +70,39 @@ def new_router() -> PolicyRequestRouter:
     return router
 
 
-def pending(request_id: str) -> PendingRequest:
+def pending(
+    request_id: str, call_id: str | None = None, trace_context: dict[str, str] | None = None
+) -> PendingRequest:
+    """A generate call of the request; `call_id` is Serve's internal id of the handle call (our
+    retries of a request are new calls)."""
     request = EngineRequest(
         request_id=request_id,
         prompt_token_ids=PROMPT,
         sampling=SamplingParams(max_tokens=4),
+        trace_context=trace_context,
     )
-    metadata = RequestMetadata(request_id=request_id, internal_request_id=request_id)
+    metadata = RequestMetadata(request_id=request_id, internal_request_id=call_id or request_id)
     return PendingRequest(args=[request], kwargs={}, metadata=metadata)
+
+
+class FakeResult:
+    """A ReplicaResult's done callbacks, completed by the test (Ray calls them on its own thread,
+    at once when the result is already complete)."""
+
+    def __init__(self) -> None:
+        self.callbacks: list[Callable[[object], None]] = []
+        self.done = False
+
+    def add_done_callback(self, callback: Callable[[object], None]) -> None:
+        if self.done:
+            threading.Thread(target=callback, args=(None,)).start()
+        else:
+            self.callbacks.append(callback)
+
+    def complete(self) -> None:
+        self.done = True
+        for callback in self.callbacks:
+            threading.Thread(target=callback, args=(None,)).start()
 
 
 def finish_without_waiting(step: Coroutine[Any, Any, Any]) -> Any:
@@ -112,8 +142,9 @@ async def test_the_adapter_routes_by_engine_truth_without_waiting(
     hint = request.kwargs["routing"]
     assert isinstance(hint, RoutingHint)
     assert hint.predicted_tokens("r1") == 6 * BLOCK and hint.predicted_tokens("r0") == 0
-    router.on_request_routed(request, replicas[1].replica_id, result=None)  # type: ignore[arg-type]
-    router.on_request_completed(replicas[1].replica_id, "a")
+    result = FakeResult()
+    router.on_request_routed(request, replicas[1].replica_id, result)  # type: ignore[arg-type]
+    result.complete()
 
     # r1's engine evicts those blocks: its next report turns the next decision to r0.
     logs["r1"].extend([BlocksRemoved(block_hashes=tuple(hashes[:6]))])
@@ -148,3 +179,168 @@ async def test_a_restarted_router_rebuilds_its_view_from_the_snapshot(
     groups = finish_without_waiting(router.choose_replicas(replicas, request))
     assert groups[0][0].replica_id.unique_id == "r1"
     assert request.kwargs["routing"].predicted_tokens("r1") == 6 * BLOCK
+
+
+# ---- per-request state: every way a request ends leaves none behind ----------------------------
+
+IDLE = {"pending": 0, "routed": 0, "policy": 0}
+
+
+async def settle() -> None:
+    """Let callbacks queued from Ray's threads (call_soon_threadsafe) run."""
+    for _ in range(20):
+        await asyncio.sleep(0.001)
+
+
+def fleet(router: PolicyRequestRouter) -> list[ReportingReplica]:
+    replicas = [ReportingReplica(r, report(KVEventLog(r), 1)) for r in ("r0", "r1")]
+    router.update_replicas(replicas)
+    return replicas
+
+
+async def routed(
+    router: PolicyRequestRouter, replicas: list[ReportingReplica], request: PendingRequest
+) -> tuple[ReportingReplica, FakeResult]:
+    """Decide, then accept the call where the router ranked first, as Serve does."""
+    groups = await router.choose_replicas(replicas, request)
+    chosen = groups[0][0]
+    result = FakeResult()
+    router.on_request_routed(request, chosen.replica_id, result)  # type: ignore[arg-type]
+    return next(r for r in replicas if r.replica_id == chosen.replica_id), result
+
+
+def assert_in_flight_matches(router: PolicyRequestRouter) -> None:
+    views = {r: router._view(ReportingReplica(r, {})).in_flight for r in ("r0", "r1")}
+    assert sum(views.values()) == router.tracked_requests()["routed"]
+
+
+async def test_finished_and_failed_requests_leave_no_state() -> None:
+    router = new_router()
+    replicas = fleet(router)
+    results = []
+    for i in range(4):
+        _, result = await routed(router, replicas, pending(f"req-{i}"))
+        results.append(result)
+    assert router.tracked_requests() == {"pending": 0, "routed": 4, "policy": 4}
+    assert_in_flight_matches(router)
+    for result in results:  # finished, failed or cancelled: Ray completes the result alike
+        result.complete()
+    await settle()
+    assert router.tracked_requests() == IDLE
+    assert_in_flight_matches(router)
+
+
+async def test_a_request_that_ended_before_it_was_routed_leaves_no_state() -> None:
+    # Serve's completion callback can run before on_request_routed (a request that ended at
+    # once): the routed entry must still end, with the result that had already completed.
+    router = new_router()
+    replicas = fleet(router)
+    request = pending("quick")
+    groups = await router.choose_replicas(replicas, request)
+    router.on_request_completed(groups[0][0].replica_id, "quick")
+    result = FakeResult()
+    result.done = True
+    router.on_request_routed(request, groups[0][0].replica_id, result)  # type: ignore[arg-type]
+    await settle()
+    assert router.tracked_requests() == IDLE
+
+
+async def test_a_client_leaving_while_queued_leaves_no_state() -> None:
+    router = new_router()
+    replicas = fleet(router)
+    request = pending("gone")
+    await router.choose_replicas(replicas, request)
+    assert router.tracked_requests()["pending"] == 1
+    request.future.cancel()  # what Serve does when the handle call is cancelled while queued
+    await settle()
+    assert router.tracked_requests() == IDLE
+
+
+async def test_a_call_refused_then_routed_again_is_counted_once() -> None:
+    router = new_router()
+    replicas = fleet(router)
+    request = pending("busy")
+    groups = await router.choose_replicas(replicas, request)
+    refused_by = groups[0][0].replica_id
+    request.reset_future()  # Serve re-queues a refused call with a new future
+    # The refused attempt's completion comes after the call was decided again.
+    await router.choose_replicas(replicas, request)
+    router.on_request_completed(refused_by, "busy")
+    result = FakeResult()
+    router.on_request_routed(request, refused_by, result)  # type: ignore[arg-type]
+    assert router.tracked_requests() == {"pending": 0, "routed": 1, "policy": 1}
+    request.future.cancel()  # a finished future's callbacks must not drop anything either
+    await settle()
+    assert router.tracked_requests()["routed"] == 1
+    result.complete()
+    await settle()
+    assert router.tracked_requests() == IDLE
+
+
+async def test_a_replica_dying_under_requests_and_their_retries_leave_no_state() -> None:
+    router = new_router()
+    replicas = fleet(router)
+    first_calls = [await routed(router, replicas, pending(f"req-{i}")) for i in range(6)]
+    dead = first_calls[0][0]
+    on_dead = [result for replica, result in first_calls if replica is dead]
+    # The replica dies: Serve removes it, and the app retries its requests (new calls, same
+    # request ids) on the survivor while the old calls' results fail.
+    router.update_replicas([r for r in replicas if r is not dead])
+    survivors = [r for r in replicas if r is not dead]
+    retries = [
+        await routed(router, survivors, pending(f"req-{i}", call_id=f"retry-{i}"))
+        for i, (replica, _) in enumerate(first_calls)
+        if replica is dead
+    ]
+    for result in on_dead:
+        result.complete()
+    for _, result in first_calls:
+        result.complete()
+    for _, result in retries:
+        result.complete()
+    await settle()
+    assert router.tracked_requests() == IDLE
+    assert_in_flight_matches(router)
+
+
+async def test_the_tracked_requests_are_published_after_the_last_change(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr("deployments.routing.serve_router._PUBLISH_PERIOD_S", 0.01)
+    router = new_router()
+    published: dict[str, float] = {}
+    monkeypatch.setattr(
+        router._tracked, "set", lambda value, tags: published.__setitem__(tags["kind"], value)
+    )
+    replicas = fleet(router)
+    _, result = await routed(router, replicas, pending("a"))
+    await asyncio.sleep(0.05)
+    assert published == {"pending": 0, "routed": 1, "policy": 1}
+    result.complete()
+    await asyncio.sleep(0.05)
+    assert published == IDLE
+
+
+# ---- tracing: the decision as a `route` span (a no-op when tracing is off) ---------------------
+
+
+async def test_the_route_span_records_the_decision() -> None:
+    exporter = InMemorySpanExporter()
+    router = new_router()
+    router._tracer = tracer(
+        tracer_provider(TracingConfig(), "router", SimpleSpanProcessor(exporter))
+    )
+    replicas = fleet(router)
+    parent = "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01"
+    request = pending("traced", trace_context={"traceparent": parent})
+    chosen, _ = await routed(router, replicas, request)
+    untraced = pending("untraced")  # no trace context: no span
+    await routed(router, replicas, untraced)
+    [span] = exporter.get_finished_spans()
+    assert span.name == "route" and span.parent is not None
+    assert span.parent.span_id == 0xB7AD6B7169203331
+    attributes = span.attributes or {}
+    assert attributes["llm.routing.policy"] == "cache_load"
+    assert set(attributes["llm.routing.candidates"]) == {"r0", "r1"}  # type: ignore[arg-type]
+    assert attributes["llm.replica"] == chosen.replica_id.unique_id
+    assert attributes["llm.routing.predicted_cached_blocks"] == 0

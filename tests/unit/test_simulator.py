@@ -293,6 +293,9 @@ class Recorder:
     def on_kv_events(self, replica_id: str, events: Sequence[KVCacheEvent]) -> None:
         self.kv_events.extend((replica_id, event) for event in events)
 
+    def tracked_requests(self) -> int:
+        return self.inner.tracked_requests()
+
 
 def test_full_replicas_hold_requests_at_the_router() -> None:
     sessions = [Session(f"s{i}", (Turn(tuple(range(i, i + 40)), 20),)) for i in range(12)]
