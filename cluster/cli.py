@@ -173,10 +173,14 @@ def _serve(args: argparse.Namespace) -> int:
         )
         stop.wait()
         # Serve's shutdown stops the HTTP proxies at once, cutting every open stream: let the
-        # in-flight requests finish first (a second Ctrl-C still stops at once).
+        # in-flight requests finish first, taking no new ones (a second Ctrl-C still stops at
+        # once).
         print(
-            f"draining in-flight requests (at most {config.ray.drain_timeout_s:g} s)...", flush=True
+            f"draining: new requests get 503, in-flight ones finish (at most "
+            f"{config.ray.drain_timeout_s:g} s)...",
+            flush=True,
         )
+        runtime.start_draining()
         busy = runtime.drain(config.ray.drain_timeout_s)
         print(f"stopping ({busy} requests still running)..." if busy else "stopping...", flush=True)
         return 0

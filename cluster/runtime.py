@@ -15,12 +15,14 @@ from typing import Any
 
 import ray
 from ray import serve
+from ray.experimental import internal_kv
 
 from cluster.config import ClusterConfig
 from deployments.app import build_app
 from deployments.autoscaling import KV_NAMESPACE, decisions_key
 from deployments.config import AppConfig, deployment_name
 from deployments.placement import PlacementInfeasible, check_fits
+from deployments.router import DRAIN_KEY, DRAIN_POLL_S
 
 APP_NAME = "inference-cluster"
 logger = logging.getLogger(__name__)
@@ -66,6 +68,8 @@ def deploy(
         check_fits(app_config.models, alive_node_resources())
     except PlacementInfeasible as exc:
         raise DeployError(f"cannot place the models on this Ray cluster: {exc}") from None
+    # A cluster joined with --address may keep the flag of a previous `serve` that drained.
+    internal_kv._internal_kv_del(DRAIN_KEY, namespace=KV_NAMESPACE)
     serve.start(http_options={"host": host, "port": port})
     # Non-blocking so that we can report progress and give up with a reason instead of hanging.
     serve._run(build_app(app_config), name=APP_NAME, route_prefix="/", _blocking=False)
@@ -126,6 +130,13 @@ class DeploymentStatus:
     decisions: list[dict[str, Any]] = field(default_factory=list)
 
 
+def start_draining() -> None:
+    """Every router answers new requests with a 503 (Retry-After) and /health with "draining"
+    from now on; returns once each has read the flag (two of its poll periods)."""
+    internal_kv._internal_kv_put(DRAIN_KEY, b"1", namespace=KV_NAMESPACE)
+    time.sleep(2 * DRAIN_POLL_S)
+
+
 def drain(timeout_s: float, poll_s: float = 0.5) -> int:
     """Wait until no engine runs or queues a request (two polls in a row, so a request between
     the router and its replica is not missed), or until timeout_s; returns what is still busy."""
@@ -175,8 +186,6 @@ def cluster_status(timeout_s: float = 5.0) -> list[DeploymentStatus]:
 def autoscaling_decisions(deployment: str) -> list[dict[str, Any]]:
     """The recent decisions our autoscaling policy published for `deployment` (see
     deployments/autoscaling.py: Serve's controller keeps its policy state to itself)."""
-    from ray.experimental import internal_kv
-
     raw = internal_kv._internal_kv_get(decisions_key(deployment), namespace=KV_NAMESPACE)
     return list(json.loads(raw)) if raw else []
 

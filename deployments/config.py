@@ -453,6 +453,11 @@ class RouterConfig(StrictModel):
     overload_retry_after_s: PositiveInt = Field(
         1, description="Retry-After of a 503 for a model whose queue is full."
     )
+    drain_retry_after_s: PositiveInt = Field(
+        5,
+        description="Retry-After of the 503 a draining router (SIGTERM on `inference-cluster "
+        "serve`) answers new requests with while its in-flight ones finish.",
+    )
     health_check_timeout_s: PositiveFloat = Field(
         10.0, description="How long GET /health waits for each model's replicas."
     )

@@ -6,21 +6,33 @@ its `ModelBackend` protocol and hands the app to Serve.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
+import logging
 from collections.abc import AsyncIterator
 from typing import Any
 
 from ray import serve
 from ray.exceptions import NodeDiedError, ObjectLostError, RayActorError, WorkerCrashedError
+from ray.experimental import internal_kv
 from ray.serve.exceptions import BackPressureError, DeploymentUnavailableError
 from ray.serve.handle import DeploymentHandle
 
 from deployments.api.openai_app import OpenAIApp, OverloadedError, UnavailableError
+from deployments.autoscaling import KV_NAMESPACE
 from deployments.config import AppConfig
 from deployments.engines.base import EngineOutput, EngineRequest, EngineStats
 from deployments.observability.metrics import RouterMetrics
 from deployments.observability.middleware import ObservedApp
 from deployments.observability.tracing import tracer, tracer_provider
+
+logger = logging.getLogger("ray.serve")
+
+# The cluster drains (SIGTERM on `inference-cluster serve`) once this internal-KV key exists;
+# every router replica reads it every DRAIN_POLL_S. A key rather than a new user_config: without
+# a fixed code version, Serve redeploys (restarts) every replica of an app run again.
+DRAIN_KEY = "router:draining"
+DRAIN_POLL_S = 0.5
 
 # What a handle raises when the replica died under a request or none can take it right now:
 # retryable (the app retries before the first output, else answers 503).
@@ -81,6 +93,25 @@ class Router:
             RouterMetrics(),
             observability.access_log,
         )
+        # Serve constructs replicas on their event loop; the task lives as long as the replica.
+        self._drain_watch = asyncio.get_running_loop().create_task(self._watch_drain())
+
+    async def _watch_drain(self) -> None:
+        while True:
+            try:
+                draining = await asyncio.to_thread(
+                    internal_kv._internal_kv_exists, DRAIN_KEY, namespace=KV_NAMESPACE
+                )
+            except RuntimeError:  # the replica is stopping: its thread pool is shut down
+                return
+            except Exception:  # the GCS restarting: keep serving, read again
+                logger.warning("could not read the drain flag", exc_info=True)
+                draining = False
+            if draining:
+                logger.info("draining: new requests get 503, in-flight ones finish")
+                self._api.start_draining()
+                return
+            await asyncio.sleep(DRAIN_POLL_S)
 
     def __serve_build_asgi_app__(self) -> Any:
         return self._app

@@ -57,6 +57,18 @@ async def simulated_api(
     `backend` wraps the engine (to record or inject faults); the teardown checks that no request
     outlived its response.
     """
+    async with simulated_app(model_path, router, backend, clock) as (http, engine, _):
+        yield http, engine
+
+
+@asynccontextmanager
+async def simulated_app(
+    model_path: Path,
+    router: RouterConfig,
+    backend: Callable[[SimulatedEngine], ModelBackend] = EngineBackend,
+    clock: Callable[[], float] = time.monotonic,
+) -> AsyncIterator[tuple[httpx.AsyncClient, SimulatedEngine, OpenAIApp]]:
+    """simulated_api, with the app itself (to drive it as the Serve adapter does)."""
     tokenizer = PromptTokenizer(str(model_path))
     engine = SimulatedEngine(
         ZERO_LATENCY, seed=1, detokenize=tokenizer.decode, vocab_size=tokenizer.vocab_size
@@ -78,7 +90,7 @@ async def simulated_api(
     transport = httpx.ASGITransport(app=api.app)
     try:
         async with httpx.AsyncClient(transport=transport, base_url="http://test") as http:
-            yield http, engine
+            yield http, engine, api
         stats = engine.stats()
         # No request may outlive its response (leak check at teardown).
         assert stats.num_running == 0 and stats.num_waiting == 0, stats

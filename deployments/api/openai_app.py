@@ -208,10 +208,33 @@ class OpenAIApp:
         self.app.add_api_route("/v1/completions", self.completions, methods=["POST"])
         self.app.add_api_route("/v1/chat/completions", self.chat_completions, methods=["POST"])
         self.app.router.default = self._not_found  # type: ignore[assignment]
+        self._draining = False
+
+    def start_draining(self) -> None:
+        """The cluster is shutting down: from now on new completions get a 503 with Retry-After
+        (a restarted or another cluster takes them) and /health says draining, while the
+        requests already in flight finish."""
+        self._draining = True
+
+    def _refuse_if_draining(self) -> None:
+        if self._draining:
+            raise service_unavailable(
+                "The server is shutting down and takes no new requests; retry later.",
+                self._config.drain_retry_after_s,
+                code="draining",
+            )
 
     # ---- endpoints ------------------------------------------------------------------------------
 
     async def health(self) -> Response:
+        if self._draining:  # a load balancer's readiness probe: send no more traffic here
+            error = service_unavailable(
+                "draining: the server is shutting down",
+                self._config.drain_retry_after_s,
+                "draining",
+            )
+            return JSONResponse(error.body(), error.status, headers=error.headers)
+
         async def check(served: ServedModel) -> str | None:
             # Each call reaches one replica: a model is healthy when some replica answers, so a
             # dead one (until Serve replaces it) gets a few more tries to find a live one.
@@ -242,6 +265,7 @@ class OpenAIApp:
         return self._card(self._served(model))
 
     async def completions(self, request: Request) -> Response:
+        self._refuse_if_draining()
         caller = self._auth.authenticate(request.headers)
         body = await self._parse(request, CompletionRequest)
         served = self._served_for(body)
@@ -283,6 +307,7 @@ class OpenAIApp:
         )
 
     async def chat_completions(self, request: Request) -> Response:
+        self._refuse_if_draining()
         caller = self._auth.authenticate(request.headers)
         body = await self._parse(request, ChatCompletionRequest)
         served = self._served_for(body)

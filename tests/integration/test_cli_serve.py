@@ -26,6 +26,24 @@ def processes_in_session(sid: int) -> list[str]:
     return [row[2] for row in rows if len(row) == 3 and int(row[0]) == sid and "Z" not in row[1]]
 
 
+# Long enough (about 4 s on the simulated profile) that the drain is still waiting for it while
+# the test probes for the 503s.
+STREAM_TOKENS = 600
+
+
+def refused_while_draining(port: int) -> tuple[httpx.Response, httpx.Response]:
+    """The first completion answered with something other than 200 after SIGTERM (the routers
+    read the drain flag within a second), and /health then."""
+    url = f"http://127.0.0.1:{port}"
+    body = {"model": "sim", "prompt": "hi", "max_tokens": 1}
+    deadline = time.monotonic() + 10
+    while True:
+        response = httpx.post(f"{url}/v1/completions", json=body, timeout=10)
+        if response.status_code != 200 or time.monotonic() > deadline:
+            return response, httpx.get(f"{url}/health", timeout=10)
+        time.sleep(0.1)
+
+
 def test_serve_answers_then_drains_and_stops_cleanly_on_sigterm(
     tmp_path: Path, embedded_model: Path
 ) -> None:
@@ -80,21 +98,27 @@ def test_serve_answers_then_drains_and_stops_cleanly_on_sigterm(
         assert response.json()["usage"]["completion_tokens"] == 4
         assert any("raylet" in p for p in processes_in_session(process.pid))
 
-        # SIGTERM (what Kubernetes sends) with a stream in flight: it finishes before the exit.
+        # SIGTERM (what Kubernetes sends) with a stream in flight: it finishes before the exit,
+        # while new requests get a 503 with Retry-After and /health says draining.
         with (
             httpx.Client(timeout=60) as http,
             http.stream(
                 "POST",
                 f"http://127.0.0.1:{port}/v1/completions",
-                json={"model": "sim", "prompt": "go", "max_tokens": 400, "stream": True},
+                json={"model": "sim", "prompt": "go", "max_tokens": STREAM_TOKENS, "stream": True},
             ) as stream,
         ):
             lines = stream.iter_lines()
             first = next(line for line in lines if line.startswith("data: "))
             process.send_signal(signal.SIGTERM)
+            refused, health = refused_while_draining(port)
             events = [first, *(line for line in lines if line.startswith("data: "))]
+        assert refused.status_code == 503, refused.text
+        assert refused.json()["error"]["code"] == "draining"
+        assert refused.headers["retry-after"] == "5"
+        assert health.status_code == 503 and health.json()["error"]["code"] == "draining"
         assert events[-1] == "data: [DONE]", events[-3:]
-        assert len(events) > 400  # every token arrived (one chunk each, then [DONE])
+        assert len(events) > STREAM_TOKENS  # every token arrived (one chunk each, then [DONE])
         process.wait(timeout=120)
     finally:
         if process.poll() is None:

@@ -15,7 +15,7 @@ from deployments.api.openai_app import OverloadedError, UnavailableError
 from deployments.config import RouterConfig
 from deployments.engines.base import EngineDeadError, EngineOutput, EngineRequest
 from deployments.engines.simulated import SimulatedEngine
-from tests.support import API_MODEL, EngineBackend, parse_sse, simulated_api
+from tests.support import API_MODEL, EngineBackend, parse_sse, simulated_api, simulated_app
 
 
 class FaultyBackend(EngineBackend):
@@ -36,9 +36,11 @@ class FaultyBackend(EngineBackend):
         self.late_failure = late_failure
         self.stall_s = stall_s
         self.attempts = 0
+        self.called = asyncio.Event()
 
     async def generate(self, request: EngineRequest) -> AsyncIterator[list[EngineOutput]]:
         self.attempts += 1
+        self.called.set()
         if self.attempts <= self.early_failures:
             raise self.early_error("replica died")
         # Closing the engine's stream on the way out is what the Serve backend's cancel does.
@@ -143,3 +145,30 @@ async def test_deadline_is_504_and_aborts_the_engine_request(embedded_model: Pat
         # The simulated engine would have finished these in microseconds: what the teardown's
         # leak check sees is that the router's abort reached it.
         assert engine.stats().num_running == 0
+
+
+async def test_a_draining_router_refuses_new_requests_and_finishes_those_in_flight(
+    embedded_model: Path,
+) -> None:
+    """SIGTERM on `serve` drains (deployments/router.py starts it): a new request is a 503 with
+    Retry-After, /health says draining, and the request already in flight completes."""
+    made, factory = faulty(stall_s=0.01)
+    router = RouterConfig(drain_retry_after_s=7)
+    async with simulated_app(embedded_model, router, factory) as (http, _, api):
+        in_flight = asyncio.create_task(http.post("/v1/chat/completions", json=chat(max_tokens=30)))
+        await asyncio.wait_for(made[0].called.wait(), 10)
+        api.start_draining()
+        for path, body in (
+            ("/v1/chat/completions", chat()),
+            ("/v1/completions", {"model": API_MODEL, "prompt": "hello", "max_tokens": 4}),
+        ):
+            refused = await http.post(path, json=body)
+            assert refused.status_code == 503, refused.text
+            assert refused.headers["retry-after"] == "7"
+            assert refused.json()["error"]["code"] == "draining"
+        health = await http.get("/health")
+        assert health.status_code == 503 and health.json()["error"]["code"] == "draining"
+        answered = await in_flight
+        assert answered.status_code == 200, answered.text
+        assert answered.json()["usage"]["completion_tokens"] == 30
+        assert made[0].attempts == 1  # the refused requests never reached the backend
