@@ -16,10 +16,12 @@ from deployments.autoscaling import serve_autoscaling_config
 from deployments.config import AppConfig, deployment_name
 from deployments.llm_server import LLMServer
 from deployments.placement import replica_placement
+from deployments.rate_limits import RateLimits
 from deployments.router import Router
 from deployments.routing.serve_router import PolicyRequestRouter
 
 ROUTER_DEPLOYMENT = "Router"
+RATE_LIMITS_DEPLOYMENT = "RateLimits"
 
 
 def build_app(args: AppConfig | dict[str, Any]) -> Application:
@@ -94,4 +96,22 @@ def build_app(args: AppConfig | dict[str, Any]) -> Application:
         ),
         ray_actor_options={"num_cpus": config.router.cpus},
     )
-    return router.bind(config, llm_servers)
+    auth = config.router.auth
+    rate_limits = None
+    if (
+        auth.shared_limits
+        and auth.limited()
+        and (router_scaling.enabled or config.router.num_replicas > 1)
+    ):
+        rate_limits = (
+            serve.deployment(RateLimits)
+            .options(
+                name=RATE_LIMITS_DEPLOYMENT,
+                num_replicas=1,
+                # One call per request of a limited key, from every router replica at once.
+                max_ongoing_requests=config.router.max_ongoing_requests,
+                ray_actor_options={"num_cpus": 0},
+            )
+            .bind(auth)
+        )
+    return router.bind(config, llm_servers, rate_limits)

@@ -402,6 +402,25 @@ class AuthConfig(StrictModel):
         description="Salt each tenant's prefix-cache block hashes with its id, so tenants never "
         "share cached blocks (nor learn each other's prompts from cache timing).",
     )
+    shared_limits: bool = Field(
+        True,
+        description="With several router replicas (or autoscaled ones), enforce each key's rate "
+        "limits exactly across them through one RateLimits replica they all ask (one call per "
+        "request of a limited key); off, or when it does not answer in time, each router "
+        "replica enforces its own 1/num_replicas share (exact only if traffic spreads evenly).",
+    )
+    shared_limits_timeout_s: PositiveFloat = Field(
+        0.25,
+        description="How long a router waits for the RateLimits replica before it falls back "
+        "to its own share of the key's limits for that request.",
+    )
+
+    def limited(self) -> bool:
+        """Whether any key has a rate limit."""
+        return any(
+            k.requests_per_minute is not None or k.tokens_per_minute is not None
+            for k in self.api_keys
+        )
 
     @field_validator("api_keys")
     @classmethod

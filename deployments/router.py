@@ -25,6 +25,7 @@ from deployments.engines.base import EngineOutput, EngineRequest, EngineStats
 from deployments.observability.metrics import RouterMetrics
 from deployments.observability.middleware import ObservedApp
 from deployments.observability.tracing import tracer, tracer_provider
+from deployments.rate_limits import ServeSharedLimiter
 
 logger = logging.getLogger("ray.serve")
 
@@ -82,9 +83,16 @@ class ServeBackend:
 
 @serve.ingress()
 class Router:
-    def __init__(self, config: AppConfig, llm_servers: dict[str, DeploymentHandle]) -> None:
+    def __init__(
+        self,
+        config: AppConfig,
+        llm_servers: dict[str, DeploymentHandle],
+        rate_limits: DeploymentHandle | None = None,
+    ) -> None:
         self._api = OpenAIApp(
-            config, {name: ServeBackend(handle) for name, handle in llm_servers.items()}
+            config,
+            {name: ServeBackend(handle) for name, handle in llm_servers.items()},
+            shared_limiter=ServeSharedLimiter(rate_limits) if rate_limits is not None else None,
         )
         observability = config.observability
         self._app = ObservedApp(

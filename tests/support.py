@@ -10,7 +10,7 @@ from pathlib import Path
 
 import httpx
 
-from deployments.api.openai_app import ModelBackend, OpenAIApp
+from deployments.api.openai_app import ModelBackend, OpenAIApp, SharedLimiter
 from deployments.config import AppConfig, ModelConfig, RouterConfig
 from deployments.engines.base import Engine, EngineOutput, EngineRequest, EngineStats
 from deployments.engines.profiles import ZERO_LATENCY
@@ -67,8 +67,10 @@ async def simulated_app(
     router: RouterConfig,
     backend: Callable[[SimulatedEngine], ModelBackend] = EngineBackend,
     clock: Callable[[], float] = time.monotonic,
+    shared_limiter: SharedLimiter | None = None,
 ) -> AsyncIterator[tuple[httpx.AsyncClient, SimulatedEngine, OpenAIApp]]:
-    """simulated_api, with the app itself (to drive it as the Serve adapter does)."""
+    """simulated_api, with the app itself (to drive it as the Serve adapter does) and the
+    shared rate limiter of a router replica."""
     tokenizer = PromptTokenizer(str(model_path))
     engine = SimulatedEngine(
         ZERO_LATENCY, seed=1, detokenize=tokenizer.decode, vocab_size=tokenizer.vocab_size
@@ -86,7 +88,9 @@ async def simulated_app(
             )
         ],
     )
-    api = OpenAIApp(config, {API_MODEL: backend(engine)}, clock=clock)
+    api = OpenAIApp(
+        config, {API_MODEL: backend(engine)}, clock=clock, shared_limiter=shared_limiter
+    )
     transport = httpx.ASGITransport(app=api.app)
     try:
         async with httpx.AsyncClient(transport=transport, base_url="http://test") as http:

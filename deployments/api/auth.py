@@ -13,7 +13,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 
 from deployments.api.errors import APIError
-from deployments.api.ratelimit import KeyRateLimiter, Limits
+from deployments.api.ratelimit import Admission, KeyRateLimiter, Limits
 from deployments.config import AuthConfig
 
 
@@ -23,6 +23,7 @@ class Caller:
 
     tenant: str | None
     limiter: KeyRateLimiter | None
+    key_id: str | None = None  # the key's SHA-256 (hex): how a shared limiter knows it
 
 
 ANONYMOUS = Caller(tenant=None, limiter=None)
@@ -39,6 +40,7 @@ class Authenticator:
                 Caller(
                     tenant=key.tenant,
                     limiter=_limiter(key.requests_per_minute, key.tokens_per_minute, share, now),
+                    key_id=key.sha256,
                 ),
             )
             for key in config.api_keys
@@ -74,6 +76,24 @@ class Authenticator:
     def cache_salt(self, caller: Caller) -> str | None:
         """The prefix-cache salt of the caller's requests: its tenant when isolation is on."""
         return caller.tenant if self._isolation else None
+
+
+class SharedRateLimits:
+    """Every key's limits in full, for the one process that all router replicas ask (the
+    RateLimits deployment), so that a key's limits hold exactly however traffic spreads."""
+
+    def __init__(self, config: AuthConfig, now: float) -> None:
+        self._limiters = {
+            key.sha256: limiter
+            for key in config.api_keys
+            if (limiter := _limiter(key.requests_per_minute, key.tokens_per_minute, 1.0, now))
+        }
+
+    def admit(self, key_id: str, tokens: int, now: float) -> Admission:
+        limiter = self._limiters.get(key_id)
+        if limiter is None:  # an unlimited key (routers do not ask for those)
+            return Admission({})
+        return Admission.of(limiter, tokens, now)
 
 
 def _limiter(

@@ -53,6 +53,7 @@ from deployments.api.protocol import (
     Usage,
     make_usage,
 )
+from deployments.api.ratelimit import Admission, KeyRateLimiter
 from deployments.config import AppConfig, ModelConfig
 from deployments.engines.base import (
     EngineDeadError,
@@ -86,6 +87,12 @@ class ModelBackend(Protocol):
 
     async def stats(self) -> EngineStats:
         """Stats of one healthy replica; raises when none answers."""
+
+
+class SharedLimiter(Protocol):
+    """The rate limiter every router replica asks (deployments/rate_limits.py)."""
+
+    async def admit(self, key_id: str, tokens: int) -> Admission: ...
 
 
 class UnavailableError(RuntimeError):
@@ -187,10 +194,14 @@ class OpenAIApp:
         config: AppConfig,
         backends: Mapping[str, ModelBackend],
         clock: Callable[[], float] = time.monotonic,
+        shared_limiter: SharedLimiter | None = None,
     ) -> None:
         self._config = config.router
         self._clock = clock
-        # Each router replica keeps its own buckets, so each enforces its share of every limit.
+        self._shared_limiter = shared_limiter
+        self._shared_limiter_failing = False
+        # This replica's own buckets at its share of every limit: what it enforces without a
+        # shared limiter, or while that one does not answer.
         self._auth = Authenticator(
             config.router.auth, share=1 / config.router.num_replicas, now=clock()
         )
@@ -278,7 +289,7 @@ class OpenAIApp:
             _check_token_ids(prompt_ids, served.tokenizer.vocab_size, "prompt")
         max_tokens = body.max_tokens or 16
         _check_context(served.config, len(prompt_ids), max_tokens, "prompt")
-        engine_request, headers = self._admit(
+        engine_request, headers = await self._admit(
             caller, "cmpl", prompt_ids, body.sampling_params(max_tokens, body.logprobs)
         )
         outputs = self._generate(served, engine_request)
@@ -319,7 +330,7 @@ class OpenAIApp:
             # Like vLLM: without a limit, generate until the context is full.
             max_tokens = max(served.config.max_model_len - len(prompt_ids), 1)
         _check_context(served.config, len(prompt_ids), max_tokens, "messages")
-        engine_request, headers = self._admit(
+        engine_request, headers = await self._admit(
             caller, "chatcmpl", prompt_ids, body.sampling_params(max_tokens, body.engine_logprobs)
         )
         outputs = self._generate(served, engine_request)
@@ -367,7 +378,7 @@ class OpenAIApp:
         except ValidationError as exc:
             raise from_validation_error(exc) from None
 
-    def _admit(
+    async def _admit(
         self, caller: Caller, prefix: str, prompt_ids: list[int], sampling: SamplingParams
     ) -> tuple[EngineRequest, dict[str, str]]:
         """The engine request of a valid API request, once the caller's rate limits allow it
@@ -377,7 +388,7 @@ class OpenAIApp:
         if caller.limiter is not None:
             # OpenAI counts the prompt plus every choice's max_tokens against tokens per minute.
             tokens = len(prompt_ids) + sampling.max_tokens * sampling.n
-            headers = caller.limiter.admit(tokens, self._clock())
+            headers = await self._rate_limit(caller, caller.limiter, tokens)
         request = EngineRequest(
             request_id=f"{prefix}-{uuid.uuid4().hex}",
             prompt_token_ids=tuple(prompt_ids),
@@ -385,6 +396,27 @@ class OpenAIApp:
             cache_salt=self._auth.cache_salt(caller),
         )
         return request, headers
+
+    async def _rate_limit(
+        self, caller: Caller, local: KeyRateLimiter, tokens: int
+    ) -> dict[str, str]:
+        """The caller's limits across every router replica, through the shared limiter; when
+        there is none, or it does not answer in time, this replica's own share of them."""
+        if self._shared_limiter is not None and caller.key_id is not None:
+            try:
+                async with asyncio.timeout(self._config.auth.shared_limits_timeout_s):
+                    admission = await self._shared_limiter.admit(caller.key_id, tokens)
+            except Exception as exc:
+                if not self._shared_limiter_failing:  # once per outage, not per request
+                    logger.warning(
+                        "shared rate limiter unavailable (%s): enforcing this router's share",
+                        type(exc).__name__,
+                    )
+                self._shared_limiter_failing = True
+            else:
+                self._shared_limiter_failing = False
+                return admission.headers_or_429()
+        return local.admit(tokens, self._clock())
 
     def _served_for(self, body: CompletionRequest | ChatCompletionRequest) -> ServedModel:
         """The requested model, once the request's model-specific fields fit it."""

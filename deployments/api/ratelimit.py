@@ -15,7 +15,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-from deployments.api.errors import APIError
+from deployments.api.errors import APIError, ErrorDetail
 
 
 class TokenBucket:
@@ -105,6 +105,31 @@ class KeyRateLimiter:
             headers[f"x-ratelimit-remaining-{kind}"] = str(max(math.floor(bucket.level(now)), 0))
             headers[f"x-ratelimit-reset-{kind}"] = _duration(bucket.reset_s(now))
         return headers
+
+
+@dataclass(frozen=True)
+class Admission:
+    """A shared limiter's answer as it crosses processes: the x-ratelimit-* headers, and the
+    429's detail when the request is refused (an APIError does not pickle)."""
+
+    headers: dict[str, str]
+    refusal: ErrorDetail | None = None
+
+    @staticmethod
+    def of(limiter: KeyRateLimiter, tokens: int, now: float) -> Admission:
+        try:
+            return Admission(limiter.admit(tokens, now))
+        except APIError as exc:
+            return Admission(exc.headers, exc.detail)
+
+    def headers_or_429(self) -> dict[str, str]:
+        """What KeyRateLimiter.admit would have returned or raised."""
+        if self.refusal is None:
+            return self.headers
+        detail = self.refusal
+        raise APIError(
+            429, detail.message, type=detail.type, code=detail.code, headers=self.headers
+        )
 
 
 def _duration(seconds: float) -> str:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -10,10 +11,12 @@ from typing import Any
 import pytest
 from pydantic import ValidationError
 
+from deployments.api.auth import SharedRateLimits
+from deployments.api.ratelimit import Admission
 from deployments.config import APIKeyConfig, AuthConfig, RouterConfig
 from deployments.engines.base import EngineOutput, EngineRequest
 from deployments.engines.simulated import SimulatedEngine
-from tests.support import API_MODEL, EngineBackend, simulated_api
+from tests.support import API_MODEL, EngineBackend, simulated_api, simulated_app
 
 ALICE_KEY, BOB_KEY, CAROL_KEY = "sk-alice-1", "sk-bob-1", "sk-carol-1"
 
@@ -168,3 +171,62 @@ def test_config_holds_only_hashes() -> None:
                 APIKeyConfig(sha256=sha("k"), tenant="b"),
             ]
         )
+
+
+class InProcessLimiter:
+    """The RateLimits deployment's logic (deployments/rate_limits.py) without Serve; `down`
+    makes it fail (raise) or hang, as an unreachable replica would."""
+
+    def __init__(self, auth: AuthConfig, clock: FakeClock, down: str | None = None) -> None:
+        self._limits = SharedRateLimits(auth, clock())
+        self._clock = clock
+        self.down = down
+        self.calls = 0
+
+    async def admit(self, key_id: str, tokens: int) -> Admission:
+        self.calls += 1
+        if self.down == "fails":
+            raise ConnectionError("RateLimits replica unreachable")
+        if self.down == "hangs":
+            await asyncio.Event().wait()
+        return self._limits.admit(key_id, tokens, self._clock())
+
+
+async def statuses_across_two_routers(
+    embedded_model: Path, limiter: InProcessLimiter, clock: FakeClock, count: int
+) -> list[int]:
+    """`count` of Bob's requests (2 per minute), all through the first of 2 router replicas,
+    then one through the second."""
+    router = RouterConfig(auth=AUTH, num_replicas=2)
+    async with (
+        simulated_app(embedded_model, router, clock=clock, shared_limiter=limiter) as (a, _, _),
+        simulated_app(embedded_model, router, clock=clock, shared_limiter=limiter) as (b, _, _),
+    ):
+        answers = [
+            await a.post("/v1/chat/completions", json=chat(), headers=bearer(BOB_KEY))
+            for _ in range(count)
+        ]
+        answers.append(await b.post("/v1/chat/completions", json=chat(), headers=bearer(BOB_KEY)))
+    return [answer.status_code for answer in answers]
+
+
+async def test_a_shared_limiter_holds_a_key_to_its_limits_across_router_replicas(
+    embedded_model: Path,
+) -> None:
+    # With each router's own buckets, 2 replicas give Bob 1 request each per minute: the first
+    # router would refuse his second request although he is within his limit.
+    clock = FakeClock()
+    limiter = InProcessLimiter(AUTH, clock)
+    statuses = await statuses_across_two_routers(embedded_model, limiter, clock, count=2)
+    assert statuses == [200, 200, 429]
+    assert limiter.calls == 3
+
+
+@pytest.mark.parametrize("down", ["fails", "hangs"])
+async def test_without_the_shared_limiter_each_router_enforces_its_share(
+    embedded_model: Path, down: str
+) -> None:
+    clock = FakeClock()
+    limiter = InProcessLimiter(AUTH, clock, down=down)
+    statuses = await statuses_across_two_routers(embedded_model, limiter, clock, count=2)
+    assert statuses == [200, 429, 200]  # 1 per minute on each of the 2 routers
