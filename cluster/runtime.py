@@ -17,6 +17,7 @@ import ray
 from ray import serve
 from ray.experimental import internal_kv
 
+from cluster import ingress
 from cluster.config import ClusterConfig
 from deployments.app import build_app
 from deployments.autoscaling import KV_NAMESPACE, decisions_key
@@ -33,10 +34,16 @@ class DeployError(RuntimeError):
 
 
 def start_ray(config: ClusterConfig) -> None:
-    """Join `ray.address`, or start a local Ray that ends with this process."""
+    """Join `ray.address`, or start a local Ray that ends with this process.
+
+    A local Ray gets the ingress settings (cluster/ingress.py) through this process's
+    environment, which its processes inherit; a joined cluster's nodes must have been started
+    with them (the KubeRay manifests set them on every pod).
+    """
     if config.ray.address is not None:
         ray.init(address=config.ray.address, logging_level=logging.WARNING)
         return
+    os.environ.update(ingress.ray_env(config.ingress))
     # Logical CPUs are bookkeeping: on a laptop the demo's replicas may reserve more than there
     # are cores, and they still run (they are mostly idle between requests).
     num_cpus = config.ray.num_cpus or max(os.cpu_count() or 1, int(config.reserved_cpus() + 1))

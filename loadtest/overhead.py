@@ -1,11 +1,12 @@
 """The serving path's own overhead, with an engine that costs nothing (zero-latency profile).
 
-    python -m loadtest.overhead [--requests 300] [--max-tokens 8]
+    python -m loadtest.overhead [--requests 300] [--max-tokens 8] [--ingress haproxy|proxy]
 
 Three ways to run the same request, interleaved so machine noise hits all three alike:
   engine    the simulated engine in this process (no Ray): the floor
   handle    LLMServer through a Serve deployment handle from the driver: "the engine directly"
-  router    HTTP through Serve's proxy and our Router deployment (tokenize, validate, SSE/JSON)
+  router    HTTP through the ingress (HAProxy as `serve` runs it, or Serve's Python proxy) and
+            our Router deployment (tokenize, validate, SSE/JSON)
 The router's overhead is `router - handle`. Prints p50/p99 per path; never asserts a time.
 """
 
@@ -14,6 +15,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import os
 import statistics
 import time
 from collections.abc import Awaitable, Callable
@@ -22,7 +24,8 @@ import httpx
 import ray
 from ray import serve
 
-from cluster import runtime
+from cluster import ingress, runtime
+from cluster.config import IngressConfig
 from cluster.embedded_model import ensure_embedded_model
 from deployments.config import AppConfig, ModelConfig, RouterConfig, deployment_name
 from deployments.engines.base import EngineRequest, SamplingParams
@@ -100,6 +103,12 @@ def main() -> None:
     parser.add_argument("--requests", type=int, default=300, help="Measured requests per path.")
     parser.add_argument("--max-tokens", type=int, default=8, help="Tokens per request.")
     parser.add_argument("--port", type=int, default=8011, help="HTTP port of the benchmark app.")
+    parser.add_argument(
+        "--ingress",
+        choices=("haproxy", "proxy"),
+        default="haproxy",
+        help="What serves HTTP: HAProxy (as `serve` runs it) or Serve's Python proxy.",
+    )
     args = parser.parse_args()
 
     source = str(ensure_embedded_model())
@@ -114,6 +123,8 @@ def main() -> None:
         replica_cpus=0.0,
         simulated={"profile": ZERO_LATENCY.name},
     )
+    # Ray's processes inherit the ingress settings from this one (cluster/ingress.py).
+    os.environ.update(ingress.ray_env(IngressConfig(haproxy=args.ingress == "haproxy")))
     ray.init(address="local", num_cpus=2, include_dashboard=False, logging_level="ERROR")
     try:
         runtime.deploy(
@@ -131,7 +142,10 @@ def main() -> None:
         "p50_ms": round(router["p50_ms"] - handle["p50_ms"], 3),
         "p99_ms": round(router["p99_ms"] - handle["p99_ms"], 3),
     }
-    print(f"{args.requests} sequential requests per path, {args.max_tokens} tokens each")
+    print(
+        f"{args.requests} sequential requests per path, {args.max_tokens} tokens each, "
+        f"ingress: {args.ingress}"
+    )
     for name, figures in result.items():
         print(f"  {name:16s} " + "  ".join(f"{k} {v:8.3f}" for k, v in figures.items()))
     print(json.dumps(result))
