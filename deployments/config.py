@@ -450,8 +450,9 @@ class RouterConfig(StrictModel):
     )
     max_queued_requests: PositiveInt = Field(
         4096,
-        description="Requests the Serve proxy holds while every router replica is at "
-        "max_ongoing_requests; beyond it Serve's own 503 with Retry-After (a plain-text body).",
+        description="Requests each router replica holds while it is at max_ongoing_requests "
+        "(Serve's proxy holds them instead with `ingress.haproxy: false`); beyond it Serve's own "
+        "503 with Retry-After (a plain-text body).",
     )
     request_timeout_s: PositiveFloat = Field(
         600.0,

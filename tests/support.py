@@ -4,18 +4,33 @@ from __future__ import annotations
 
 import json
 import time
-from collections.abc import AsyncIterator, Callable
-from contextlib import aclosing, asynccontextmanager
+from collections.abc import AsyncIterator, Callable, Iterator
+from contextlib import aclosing, asynccontextmanager, contextmanager
 from pathlib import Path
 
 import httpx
+import pytest
 
+from cluster import ingress
+from cluster.config import IngressConfig
 from deployments.api.openai_app import ModelBackend, OpenAIApp, SharedLimiter
 from deployments.config import AppConfig, ModelConfig, RouterConfig
 from deployments.engines.base import Engine, EngineOutput, EngineRequest, EngineStats
 from deployments.engines.profiles import ZERO_LATENCY
 from deployments.engines.simulated import SimulatedEngine
 from deployments.tokenizer import PromptTokenizer
+
+
+@contextmanager
+def ingress_environment(config: IngressConfig | None = None) -> Iterator[None]:
+    """The environment a local Ray started in this block serves HTTP with: HAProxy in front of
+    the routers by default, as `serve` runs it (cluster/ingress.py). Ray's processes read it
+    when they start, so it is only needed around ray.init."""
+    with pytest.MonkeyPatch.context() as env:
+        for name, value in ingress.ray_env(config or IngressConfig()).items():
+            env.setenv(name, value)
+        yield
+
 
 API_MODEL = "tiny"
 API_MAX_MODEL_LEN = 1024

@@ -13,8 +13,7 @@ import pytest
 import ray
 from ray import serve
 
-from cluster import ingress, runtime
-from cluster.config import IngressConfig
+from cluster import runtime
 from deployments.config import AppConfig, RouterConfig
 from tests.chaos.harness import (
     ChaosCounts,
@@ -30,6 +29,7 @@ from tests.integration.conftest import (
     start_local_ray,
     wait_for_no_routing_state,
 )
+from tests.support import ingress_environment
 
 pytestmark = pytest.mark.chaos
 
@@ -54,11 +54,7 @@ def metrics_port() -> int:
 
 @pytest.fixture(scope="module")
 def cluster(embedded_model: Path, metrics_port: int) -> Iterator[str]:
-    # Behind HAProxy, as `serve` and the KubeRay manifests run it (cluster/ingress.py). Ray's
-    # processes read the settings when they start: the environment is only needed for init.
-    with pytest.MonkeyPatch.context() as env:
-        for name, value in ingress.ray_env(IngressConfig()).items():
-            env.setenv(name, value)
+    with ingress_environment():
         start_local_ray(metrics_port)
     port = free_port()
     runtime.deploy(

@@ -19,7 +19,7 @@ from cluster import runtime
 from deployments.config import AppConfig, RouterConfig
 from tests.chaos.harness import wait_for_idle_engines
 from tests.integration.conftest import free_port, simulated_model
-from tests.support import parse_sse
+from tests.support import ingress_environment, parse_sse
 
 pytestmark = pytest.mark.chaos
 
@@ -28,7 +28,8 @@ MAX_ONGOING, MAX_QUEUED, TIMEOUT_S = 4, 8, 4.0
 
 @pytest.fixture(scope="module")
 def small_cluster(embedded_model: Path) -> Iterator[str]:
-    ray.init(address="local", num_cpus=4, logging_level="ERROR", include_dashboard=False)
+    with ingress_environment():  # behind HAProxy, as `serve` runs it
+        ray.init(address="local", num_cpus=4, logging_level="ERROR", include_dashboard=False)
     port = free_port()
     config = AppConfig(
         router=RouterConfig(cpus=0.1, request_timeout_s=TIMEOUT_S, overload_retry_after_s=2),
