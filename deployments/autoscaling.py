@@ -9,14 +9,31 @@ line per change, and the recent decisions in Ray's internal KV for `inference-cl
 
 The rules, in order:
   load     = running + waiting over the replicas that reported, plus requests queued at handles
-  desired  = ceil(load / target_per_replica); +1 while KV usage stayed above its threshold
+  sizing   by throughput, with the backlog drained over a horizon rather than all at once.
+           T = target_per_replica, the concurrency one replica holds within the SLO.
+           in service = sum over replicas of min(running, T); backlog = the rest: running above
+           T, waiting, queued at the handles; throughput = requests finished per second per
+           replica. desired = in service / T                 (what holds today's batches)
+                             + backlog growth / throughput   (what stops the queue growing)
+                             + backlog / (drain_horizon_s x throughput)   (what drains it)
+           Why: sizing running + queued at T per replica answered one backlog several times. It
+           grows while replicas start (a 5x burst that 2 replicas serve got 29), and once they
+           are up it floods their batches far above T, where it read as load again. Here the
+           backlog counts once, at the rate replicas really finish requests, and starting
+           replicas (in the target already) absorb what it asks for. Before any request finished
+           (no throughput yet) the backlog counts as in service at T, as do the router's
+           requests (its signal has no throughput). +1 while KV usage stayed above its threshold.
   up       at once to `desired` (one big step), capped by max_replicas and the cluster's capacity
   band     no change while load fits `target` replicas but not `target - 1` with the hysteresis
            margin: nothing flaps on noise around a boundary
   down     only after the load stayed low for `downscale_delay_s`, by at most `downscale_max_step`
-           replicas, then the delay starts again
+           replicas, then the delay starts again; never below what the arrival rate (finished
+           per second + backlog growth) needs at the per-replica throughput measured while every
+           replica had T or more in its batch
   zero     (min_replicas 0) after `scale_to_zero_idle_s` with no load; 0 -> 1 on the first queued
-           request at once
+           request at once. On Ray, Serve's cold-start path takes 0 -> 1 without calling the
+           policy; the policy records that step when it next runs (it sees a target above the
+           0 it last returned), so the decision record shows it too.
 """
 
 from __future__ import annotations
@@ -37,6 +54,11 @@ Direction = Literal["up", "down", "hold"]
 # A scale-down waits for starting replicas at most this long (seconds).
 STARTING_HOLD_MAX_S = 600.0
 
+# Time constant (s) of the smoothing of the backlog's growth rate and of the throughput at
+# target: long enough that Poisson noise around a full batch does not read as a trend (it added
+# and removed replicas every few ticks unsmoothed), short against a 30 s replica start.
+SMOOTHING_S = 5.0
+
 # Decisions kept in the policy state (and published for `status`): bounded, newest last.
 DECISION_HISTORY = 20
 
@@ -48,6 +70,7 @@ class ReplicaLoad:
     running: float
     waiting: float
     kv_cache_usage: float = 0.0
+    finished_per_s: float = 0.0  # requests completed per second, recently
 
 
 @dataclass(frozen=True)
@@ -62,7 +85,28 @@ class ScalingMetrics:
 
     @property
     def load(self) -> float:
-        return sum(r.running + r.waiting for r in self.replicas) + self.queued
+        return self.in_service + self.backlog
+
+    @property
+    def in_service(self) -> float:
+        return sum(r.running for r in self.replicas)
+
+    @property
+    def backlog(self) -> float:
+        """Requests not yet in an engine's batch: waiting in the engines and at the handles."""
+        return sum(r.waiting for r in self.replicas) + self.queued
+
+    @property
+    def throughput_per_replica(self) -> float:
+        """Requests finished per second per replica, over the replicas that finished any (0 when
+        none did). A replica that just started has a full batch and nothing finished yet:
+        counted, it diluted the mean 5x on a burst and the backlog read 5x too large."""
+        rates = [r.finished_per_s for r in self.replicas if r.finished_per_s > 0]
+        return sum(rates) / len(rates) if rates else 0.0
+
+    @property
+    def finished_per_s(self) -> float:
+        return sum(r.finished_per_s for r in self.replicas)
 
     @property
     def kv_cache_usage(self) -> float:
@@ -90,6 +134,13 @@ class PolicyState:
     kv_high_since_s: float | None = None  # since when KV usage stayed above the threshold
     idle_since_s: float | None = None  # since when the load was exactly zero
     starting_since_s: float | None = None  # since when fewer replicas run than the target
+    last_target: int | None = None  # what the policy returned last (None: never ran)
+    backlog: float | None = None  # the backlog at the last tick, for its growth rate
+    backlog_s: float | None = None  # when it was seen
+    growth: float = 0.0  # the backlog's growth rate (requests/s), smoothed
+    # Requests one replica finishes per second with at least target_per_replica in its batch,
+    # smoothed (None: never seen): the throughput a scale-down must leave enough of.
+    rate_at_target: float | None = None
     history: tuple[Decision, ...] = field(default_factory=tuple)
 
     def to_dict(self) -> dict[str, Any]:
@@ -104,6 +155,11 @@ class PolicyState:
             kv_high_since_s=data.get("kv_high_since_s"),
             idle_since_s=data.get("idle_since_s"),
             starting_since_s=data.get("starting_since_s"),
+            last_target=data.get("last_target"),
+            backlog=data.get("backlog"),
+            backlog_s=data.get("backlog_s"),
+            growth=data.get("growth", 0.0),
+            rate_at_target=data.get("rate_at_target"),
             history=tuple(Decision(**d) for d in data.get("history", ())),
         )
 
@@ -115,9 +171,12 @@ def decide(
     load = metrics.load
     target = metrics.target_replicas
     per_replica = config.target_per_replica
+    if state.last_target == 0 and target > 0:
+        state = _record(state, _serve_cold_start(metrics, now))
 
-    needed = math.ceil(load / per_replica - 1e-9)
-    reason = f"load {load:g} at {per_replica:g} per replica needs {needed}"
+    sized, sizing, state, rate_floor = _sized_load(metrics, config, state, now)
+    needed = math.ceil(sized / per_replica - 1e-9)
+    reason = f"{sizing} at {per_replica:g} per replica needs {needed}"
     kv_high_since = state.kv_high_since_s
     if isinstance(config, ModelAutoscalingConfig) and metrics.replicas:
         if metrics.kv_cache_usage > config.kv_usage_threshold:
@@ -147,7 +206,13 @@ def decide(
 
     floor = _floor(config, state, target, now)
     # Fewest replicas that hold the load with the hysteresis margin: below this, scale down.
-    fits_with_margin = math.ceil(load / (per_replica * (1 - config.downscale_hysteresis)) - 1e-9)
+    fits_with_margin = math.ceil(sized / (per_replica * (1 - config.downscale_hysteresis)) - 1e-9)
+    if rate_floor > fits_with_margin:
+        # Little's law cuts both ways: at light load requests finish faster, so fewer are in
+        # flight per request/s, and the in-flight count alone would shed replicas the arrival
+        # rate still needs (a diurnal evening went 3 -> 1 and straight back up).
+        fits_with_margin = rate_floor
+        reason = f"{reason}; the arrival rate needs {rate_floor} at the measured throughput"
 
     if target == 0 and load > 0:
         new = max(1, needed)
@@ -217,8 +282,84 @@ def decide(
         capacity_limited=capacity_limited,
     )
     if final != target or capacity_limited:
-        state = replace(state, history=(*state.history, decision)[-DECISION_HISTORY:])
-    return decision, state
+        state = _record(state, decision)
+    return decision, replace(state, last_target=final)
+
+
+def _record(state: PolicyState, decision: Decision) -> PolicyState:
+    return replace(state, history=(*state.history, decision)[-DECISION_HISTORY:])
+
+
+def _sized_load(
+    metrics: ScalingMetrics, config: ScalingConfig, state: PolicyState, now: float
+) -> tuple[float, str, PolicyState, int]:
+    """The load the fleet is sized for, in requests in service at T per replica; how it was
+    counted; the state with this tick's backlog, growth and throughput; and the fewest replicas
+    whose throughput at T (as measured, with the hysteresis margin) covers the arrival rate
+    (0 while unknown).
+
+    Little's law on the backlog: a replica finishes `throughput` requests per second, so a queue
+    growing by g per second needs g / throughput more replicas to stop growing, and draining
+    `backlog` within `drain_horizon_s` needs backlog / (horizon x throughput) more. Both are
+    converted to requests in service (x T) and together never exceed the backlog itself, the old
+    count (serving all of it at once is the fastest drain there is).
+    """
+    load = metrics.load
+    if not isinstance(config, ModelAutoscalingConfig):
+        return load, f"load {load:g}", state, 0
+    per_replica = config.target_per_replica
+    in_service = sum(min(r.running, per_replica) for r in metrics.replicas)
+    backlog = load - in_service
+    throughput = metrics.throughput_per_replica
+    growth, rate_at_target = state.growth, state.rate_at_target
+    if state.backlog is not None and state.backlog_s is not None and now > state.backlog_s:
+        weight = min(1.0, (now - state.backlog_s) / SMOOTHING_S)
+        growth += weight * ((backlog - state.backlog) / (now - state.backlog_s) - growth)
+        at_target = metrics.replicas and all(r.running >= per_replica for r in metrics.replicas)
+        if at_target and throughput > 0:
+            previous = throughput if rate_at_target is None else rate_at_target
+            rate_at_target = previous + weight * (throughput - previous)
+    state = replace(
+        state, backlog=backlog, backlog_s=now, growth=growth, rate_at_target=rate_at_target
+    )
+    rate_floor = 0
+    if rate_at_target:
+        # No hysteresis margin here: the rate was measured at T, below what a replica can
+        # finish at most (with 0.2, a diurnal peak kept 11 replicas where 8 did).
+        arrivals = metrics.finished_per_s + max(0.0, growth)
+        rate_floor = math.ceil(arrivals / rate_at_target - 1e-9)
+    if throughput <= 0 or backlog <= 0:
+        return load, f"load {load:g}", state, rate_floor
+    replicas = max(0.0, growth) / throughput + backlog / (config.drain_horizon_s * throughput)
+    counted = min(backlog, replicas * per_replica)
+    return (
+        in_service + counted,
+        (
+            f"{in_service:g} in service + {backlog:g} waiting (growing {growth:.3g}/s; drained "
+            f"over {config.drain_horizon_s:g} s at {throughput:.3g}/s per replica: "
+            f"{counted:.3g} more in service)"
+        ),
+        state,
+        rate_floor,
+    )
+
+
+def _serve_cold_start(metrics: ScalingMetrics, now: float) -> Decision:
+    """The 0 -> N step Serve's cold-start path took without calling the policy (ray/serve/
+    autoscaling_policy.py `_get_cold_start_scale_up_replicas`: current replicas 0 and a queued
+    request), recorded when the policy next runs so that the decision record has it."""
+    return Decision(
+        time_s=now,
+        previous=0,
+        target=metrics.target_replicas,
+        desired=metrics.target_replicas,
+        direction="up",
+        reason=(
+            f"cold start: Serve started {metrics.target_replicas} on a request queued at zero "
+            "replicas (its fast path, seen at this tick)"
+        ),
+        load=metrics.load,
+    )
 
 
 def _still_starting(metrics: ScalingMetrics, state: PolicyState, now: float) -> bool:
@@ -256,7 +397,7 @@ def _delay(config: ScalingConfig, target: int) -> float:
 # ---- the Ray Serve adapter ----------------------------------------------------------------------
 
 KV_NAMESPACE = "inference_cluster"
-METRIC_KEYS = ("running", "waiting", "kv_cache_usage")
+METRIC_KEYS = ("running", "waiting", "kv_cache_usage", "finished_per_s")
 
 
 def decisions_key(deployment: str) -> str:
@@ -294,9 +435,10 @@ class ServeAutoscalingPolicy:
     def __call__(self, ctx: Any) -> tuple[int, dict[str, Any]]:
         now = ctx.current_time
         metrics = self._metrics(ctx, now)
-        ours = ctx.policy_state.get(KV_NAMESPACE)
-        decision, state = decide(metrics, self._config, PolicyState.from_dict(ours), now)
-        self._report(ctx.deployment_name, metrics, decision)
+        before = PolicyState.from_dict(ctx.policy_state.get(KV_NAMESPACE))
+        decision, state = decide(metrics, self._config, before, now)
+        recorded = [d for d in state.history if d not in before.history]
+        self._report(ctx.deployment_name, metrics, decision, recorded)
         policy_state = dict(ctx.policy_state)
         policy_state[KV_NAMESPACE] = state.to_dict()
         return decision.target, policy_state
@@ -317,6 +459,7 @@ class ServeAutoscalingPolicy:
                 running=aggregated.get("running", {}).get(replica, 0.0),
                 waiting=aggregated.get("waiting", {}).get(replica, 0.0),
                 kv_cache_usage=aggregated.get("kv_cache_usage", {}).get(replica, 0.0),
+                finished_per_s=aggregated.get("finished_per_s", {}).get(replica, 0.0),
             )
             for replica in ctx.running_replicas
             if any(replica in aggregated.get(key, {}) for key in METRIC_KEYS)
@@ -349,21 +492,28 @@ class ServeAutoscalingPolicy:
             self._capacity_cache = (now, spare)
         return None if spare is None else target + spare
 
-    def _report(self, deployment: str, metrics: ScalingMetrics, decision: Decision) -> None:
+    def _report(
+        self,
+        deployment: str,
+        metrics: ScalingMetrics,
+        decision: Decision,
+        recorded: Sequence[Decision],
+    ) -> None:
+        """The gauges for this tick; a log line and a published record per recorded change."""
         desired_gauge, current_gauge = self._metric_gauges()
         tags = {"deployment": deployment, "reason": _reason_kind(decision)}
         desired_gauge.set(decision.target, tags=tags)
         current_gauge.set(metrics.current_replicas, tags=tags)
-        if decision.target == decision.previous and not decision.capacity_limited:
-            return
-        logger.info(
-            "autoscaling %s: %d -> %d replicas (%s)",
-            deployment,
-            decision.previous,
-            decision.target,
-            decision.reason,
-        )
-        self._publish_decision(deployment, decision)
+        for change in recorded:
+            logger.info(
+                "autoscaling %s: %d -> %d replicas (%s)",
+                deployment,
+                change.previous,
+                change.target,
+                change.reason,
+            )
+        if recorded:
+            self._publish_decisions(deployment, recorded)
 
     def _metric_gauges(self) -> tuple[Any, Any]:
         if self._gauges is None:
@@ -384,8 +534,8 @@ class ServeAutoscalingPolicy:
             )
         return self._gauges
 
-    def _publish_decision(self, deployment: str, decision: Decision) -> None:
-        """Append the decision to the deployment's record in Ray's internal KV (GCS): the
+    def _publish_decisions(self, deployment: str, decisions: Sequence[Decision]) -> None:
+        """Append the decisions to the deployment's record in Ray's internal KV (GCS): the
         controller's policy state is not readable from outside, this record is."""
         from ray.experimental import internal_kv
 
@@ -393,7 +543,7 @@ class ServeAutoscalingPolicy:
         try:
             old = internal_kv._internal_kv_get(key, namespace=KV_NAMESPACE)
             history = json.loads(old) if old else []
-            history = [*history, asdict(decision)][-DECISION_HISTORY:]
+            history = [*history, *map(asdict, decisions)][-DECISION_HISTORY:]
             internal_kv._internal_kv_put(
                 key, json.dumps(history).encode(), overwrite=True, namespace=KV_NAMESPACE
             )

@@ -202,6 +202,11 @@ class ModelAutoscalingConfig(ScalingConfig):
         10.0,
         description="How long KV usage must stay above kv_usage_threshold for each extra replica.",
     )
+    drain_horizon_s: PositiveFloat = Field(
+        60.0,
+        description="Requests waiting for a batch slot are sized to be drained within this "
+        "horizon at the replicas' measured completion rate, not served all at once.",
+    )
     scale_to_zero_idle_s: NonNegativeFloat = Field(
         300.0,
         description="With min_replicas 0: seconds without any request before the last replica "

@@ -11,6 +11,7 @@ import asyncio
 import contextlib
 import logging
 import os
+import time
 import uuid
 from collections.abc import AsyncIterator
 from typing import Any
@@ -110,6 +111,10 @@ class LLMServer:
         )
         self._kv_drain_task = asyncio.create_task(self._drain_kv_events())
         self._predictions = _PredictionMetrics(model.name)
+        # Requests finished, and (time, count) at the last autoscaling report: the rate between
+        # two reports is the replica's throughput the autoscaler drains backlogs with.
+        self._finished = 0
+        self._finished_reported = (time.monotonic(), 0)
         logger.info("engine %s ready for model %s", model.engine, model.name)
 
     async def _drain_kv_events(self) -> None:
@@ -138,6 +143,7 @@ class LLMServer:
                         self._predictions.record(predicted, output.num_cached_tokens)
                         predicted = None
                     queue.put_nowait(output)
+                self._finished += 1
                 queue.put_nowait(_END)
             except Exception as exc:  # handed to the consumer, which re-raises it
                 if isinstance(exc, EngineDeadError):
@@ -204,10 +210,14 @@ class LLMServer:
 
     def record_autoscaling_stats(self) -> dict[str, float]:
         stats = self._engine.stats()
+        now, finished = time.monotonic(), self._finished
+        since, before = self._finished_reported
+        self._finished_reported = (now, finished)
         return {
             "waiting": float(stats.num_waiting),
             "running": float(stats.num_running),
             "kv_cache_usage": stats.kv_cache_usage,
+            "finished_per_s": (finished - before) / (now - since) if now > since else 0.0,
         }
 
     async def __del__(self) -> None:

@@ -95,7 +95,7 @@ class AutoscalingMetrics:
 
     num_replicas: int  # replicas taking requests (draining ones excluded)
     # Per replica, what LLMServer.record_autoscaling_stats() reports: waiting, running,
-    # kv_cache_usage.
+    # kv_cache_usage, finished_per_s.
     replica_metrics: Mapping[str, Mapping[str, float]]
     num_queued: int  # requests held at the router because every replica was full
     num_starting: int = 0  # replicas asked for but not routable yet (replica_start_s)
@@ -189,6 +189,8 @@ class _Replica:
     __slots__ = (
         "busy_s",
         "core",
+        "finished",
+        "finished_reported",
         "in_flight",
         "in_flight_s",
         "in_flight_since",
@@ -209,6 +211,9 @@ class _Replica:
         self.in_flight_s = 0.0
         self.in_flight_since = 0.0
         self.busy_s = 0.0
+        # Requests it completed, and that count at the last autoscaling tick (for the rate).
+        self.finished = 0
+        self.finished_reported = 0
         self.stepping = False  # a step is under way; its outputs are in `outputs`
         self.outputs: list[EngineOutput] = []
 
@@ -303,6 +308,7 @@ class _Run:
         self._autoscaler = autoscaler
         self._autoscaler_state: Any = None
         self._autoscaling_interval_s = autoscaling_interval_s
+        self._last_scale_s = 0.0
 
         self._heap: list[tuple[float, int, int, Any]] = []
         self._seq = 0
@@ -559,6 +565,8 @@ class _Run:
             assert request is not None
             del self._flights[request.request_id]
             replica.add_in_flight(t, -1)
+            if status == _OK:
+                replica.finished += 1
             self._policy.on_finished(request.request_id, replica.replica_id)
 
         if self._free_slots is not None:
@@ -613,10 +621,12 @@ class _Run:
 
     def _on_scale(self, t: float, _: None) -> None:
         assert self._autoscaler is not None
+        elapsed = t - self._last_scale_s
+        self._last_scale_s = t
         metrics = AutoscalingMetrics(
             num_replicas=len(self._replicas),
             replica_metrics={
-                replica_id: _autoscaling_stats(replica.core.stats())
+                replica_id: _autoscaling_stats(replica, elapsed)
                 for replica_id, replica in self._replicas.items()
             },
             num_queued=len(self._router_queue),
@@ -693,10 +703,15 @@ class _Run:
         )
 
 
-def _autoscaling_stats(stats: EngineStats) -> dict[str, float]:
-    # The same keys as LLMServer.record_autoscaling_stats.
+def _autoscaling_stats(replica: _Replica, elapsed_s: float) -> dict[str, float]:
+    """The same keys as LLMServer.record_autoscaling_stats; the completion rate is over the time
+    since the previous tick, as the real replica's is since its previous report."""
+    stats = replica.core.stats()
+    finished = replica.finished - replica.finished_reported
+    replica.finished_reported = replica.finished
     return {
         "waiting": float(stats.num_waiting),
         "running": float(stats.num_running),
         "kv_cache_usage": stats.kv_cache_usage,
+        "finished_per_s": finished / elapsed_s if elapsed_s > 0 else 0.0,
     }

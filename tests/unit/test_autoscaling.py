@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import itertools
+import math
 import random
 from dataclasses import dataclass, field
 from typing import Any
@@ -143,6 +144,94 @@ def test_no_flapping_under_noisy_load() -> None:
     assert len(changes) <= 1
 
 
+def engine_metrics(
+    target: int, running: int, in_service: float, backlog: float, finished_per_s: float
+) -> ScalingMetrics:
+    """`running` replicas sharing `in_service` requests in their batches and finishing
+    `finished_per_s` requests per second each; `backlog` requests queued at the handles."""
+    share = ReplicaLoad(in_service / running, 0.0, 0.0, finished_per_s)
+    return ScalingMetrics(running, target, [share] * running, queued=backlog)
+
+
+@pytest.mark.parametrize(
+    ("finished_per_s", "expected", "counted"),
+    [
+        # 120 waiting, drained over 60 s at 1/s per replica: 2 replicas of 10 = 20 in service.
+        (1.0, 4, ": 20 more in service"),
+        (2.0, 3, ": 10 more in service"),  # twice the throughput, half the replicas for the drain
+        # Nothing finished yet: no throughput to drain with, the backlog counts in full.
+        (0.0, 14, "load 140"),
+        # So slow that the drain would need more than serving the whole backlog at once: capped.
+        (0.01, 14, ": 120 more in service"),
+    ],
+)
+def test_a_backlog_is_drained_over_the_horizon_not_served_at_once(
+    finished_per_s: float, expected: int, counted: str
+) -> None:
+    config = CONFIG.model_copy(update={"max_replicas": 20})
+    assert config.drain_horizon_s == 60
+    decision, _ = decide(engine_metrics(2, 2, 20, 120, finished_per_s), config, PolicyState(), 0)
+    assert decision.target == expected
+    assert counted in decision.reason
+
+
+def test_a_backlog_growing_while_replicas_start_is_not_answered_twice() -> None:
+    """Regression (bench_autoscaling, 30 s replica start): the queue that builds while asked-for
+    replicas start was sized again at every tick, and a 5x burst that 2 replicas serve got 29.
+    Here 2 saturated replicas (10 in service each, finishing 1/s each) face 114 waiting that grow
+    by 2/s (4 arrive per second) while the replicas asked for start. The target is what stops the
+    growth (2 + 2) plus what drains the queue in 60 s, once."""
+    config = CONFIG.model_copy(update={"max_replicas": 40})
+    state, target, targets = PolicyState(), 2, []
+    for t in range(31):
+        metrics = engine_metrics(target, 2, 20, 114 + 2 * t, finished_per_s=1.0)
+        decision, state = decide(metrics, config, state, float(t))
+        target = decision.target
+        targets.append(target)
+    # 2 + 114/60 at the first tick (no growth known yet); then the growth (smoothed over 5 s)
+    # rises to 2 replicas and the drain to 174/60: 2 + 2 + 2.9 -> 7 at the end, never more.
+    assert targets[0] == 4 and targets[-1] == 7 and max(targets) == 7
+    assert targets == sorted(targets)
+    assert math.ceil((20 + 174) / 10) == 20  # what counting the queue as in service asked for
+
+
+def test_requests_above_the_target_in_a_batch_count_as_backlog() -> None:
+    """Once the new replicas are up, the queue floods their batches (256 running where T is 10):
+    counted as in service it read as 3x the load; it is the backlog, drained over the horizon."""
+    config = CONFIG.model_copy(update={"max_replicas": 40})
+    flooded = engine_metrics(6, 6, 6 * 30, 0, finished_per_s=1.0)
+    decision, _ = decide(flooded, config, PolicyState(), 0.0)
+    # 60 in service at 10 each; 120 above it, drained over 60 s at 1/s per replica: 2 more.
+    assert decision.target == 8, decision.reason
+    assert "60 in service + 120 waiting" in decision.reason
+    # Two more just started, batches full, nothing finished yet: the throughput is the others'.
+    started = ScalingMetrics(8, 8, [*flooded.replicas, *[ReplicaLoad(30, 0, 0, 0.0)] * 2])
+    assert started.throughput_per_replica == 1.0
+
+
+def test_no_scale_down_below_what_the_arrival_rate_needs_at_the_measured_throughput() -> None:
+    """Regression (bench_autoscaling, diurnal evening): requests finish faster at light load, so
+    fewer are in flight per request/s; the in-flight count alone took 3 replicas to 1 while the
+    arrival rate needed 2, and the queue brought them straight back."""
+    config = CONFIG.model_copy(update={"max_replicas": 20})
+    light = engine_metrics(3, 3, 9, 0, finished_per_s=1.5)  # 9 in flight fits 2; 4.5/s arrive
+    state = PolicyState()
+    for t in range(10):  # every batch at T = 10, each replica finishing 2/s: learned
+        _, state = decide(engine_metrics(3, 3, 30, 0, finished_per_s=2.0), config, state, t)
+    assert state.rate_at_target == pytest.approx(2.0)
+    targets = []
+    for t in range(10, 200):
+        decision, state = decide(light, config, state, float(t))
+        targets.append(decision.target)
+    # 4.5/s at 2/s per replica: ceil(2.25) = 3.
+    assert set(targets) == {3}
+    assert "the arrival rate needs 3" in decision.reason
+    never_measured = PolicyState()
+    for t in range(31):  # the 30 s downscale delay, then a step
+        decision, never_measured = decide(light, config, never_measured, float(t))
+    assert decision.target == 2  # without a measurement, the in-flight count decides
+
+
 def test_kv_pressure_adds_a_replica_only_when_sustained() -> None:
     run = Run(target=2)
     assert [run.tick(load=10, kv=0.95) for _ in range(10)] == [2] * 10
@@ -186,6 +275,29 @@ def test_scale_to_zero_after_the_idle_period_then_cold_start() -> None:
         ScalingMetrics(current_replicas=0, target_replicas=0, queued=45), ZERO, run.state, run.now
     )
     assert decision.target == 5  # a burst at zero: straight to what it needs
+
+
+def test_serve_taking_zero_to_one_is_recorded_once() -> None:
+    """On Ray, Serve's cold-start path starts the first replica without calling the policy; the
+    policy's next run finds a target above the 0 it returned and records the step."""
+    run = Run(config=ZERO, target=1)
+    for _ in range(61):
+        run.tick(load=0)
+    assert run.target == 0 and run.state.last_target == 0
+    serve_started = ScalingMetrics(current_replicas=1, target_replicas=1, queued=1)
+    decision, state = decide(serve_started, ZERO, run.state, run.now)
+    cold = state.history[-1]
+    assert (cold.previous, cold.target, cold.direction) == (0, 1, "up")
+    assert cold.reason.startswith("cold start: Serve started 1")
+    assert decision.target == 1 and state.last_target == 1
+    _, again = decide(serve_started, ZERO, state, run.now + 1)
+    assert again.history == state.history  # recorded once
+    # When the policy takes 0 -> 1 itself (the simulator, or Serve calling it), one record.
+    at_zero = ScalingMetrics(current_replicas=0, target_replicas=0, queued=1)
+    _, own = decide(at_zero, ZERO, run.state, run.now)
+    _, after = decide(serve_started, ZERO, own, run.now + 1)
+    assert [d.reason.startswith("cold start") for d in after.history[-2:]] == [False, True]
+    assert after.history == own.history
 
 
 def test_any_request_resets_the_idle_period() -> None:
@@ -236,6 +348,26 @@ def test_serve_adapter_reads_engine_stats_and_keeps_foreign_state() -> None:
     target, state = policy(ctx)
     assert target == 7  # ceil((30 + 20 + 10 + 5) / 10)
     assert state["serve-internal"] == 1 and state["inference_cluster"]["history"]
+
+
+def test_serve_adapter_publishes_the_cold_start_serve_took() -> None:
+    policy = ServeAutoscalingPolicy(ZERO.model_dump(mode="json"), "engine")
+    published: list[Any] = []
+    policy._report = lambda name, metrics, decision, recorded: published.extend(recorded)  # type: ignore[method-assign]
+    at_zero = PolicyState(last_target=0).to_dict()
+    ctx = FakeContext(
+        current_time=50.0,
+        deployment_name="LLMServer-m",
+        current_num_replicas=1,
+        target_num_replicas=1,
+        running_replicas=["r1"],
+        aggregated_metrics={"running": {"r1": 1.0}, "finished_per_s": {"r1": 0.5}},
+        total_queued_requests=0.0,
+        policy_state={"inference_cluster": at_zero},
+    )
+    assert policy(ctx)[0] == 1
+    assert [(d.previous, d.target) for d in published] == [(0, 1)]
+    assert published[0].reason.startswith("cold start")
 
 
 def test_router_adapter_scales_on_ongoing_requests() -> None:
