@@ -138,6 +138,7 @@ class PolicyState:
     backlog: float | None = None  # the backlog at the last tick, for its growth rate
     backlog_s: float | None = None  # when it was seen
     growth: float = 0.0  # the backlog's growth rate (requests/s), smoothed
+    reporting: int = 0  # replicas that reported at the last tick
     # Requests one replica finishes per second with at least target_per_replica in its batch,
     # smoothed (None: never seen): the throughput a scale-down must leave enough of.
     rate_at_target: float | None = None
@@ -159,6 +160,7 @@ class PolicyState:
             backlog=data.get("backlog"),
             backlog_s=data.get("backlog_s"),
             growth=data.get("growth", 0.0),
+            reporting=data.get("reporting", 0),
             rate_at_target=data.get("rate_at_target"),
             history=tuple(Decision(**d) for d in data.get("history", ())),
         )
@@ -312,18 +314,35 @@ def _sized_load(
     backlog = load - in_service
     throughput = metrics.throughput_per_replica
     growth, rate_at_target = state.growth, state.rate_at_target
+    # A replica that joins is flooded from the handles' queue at once, while the queue's
+    # average lags by the look-back: for that tick the same requests count twice, and read as
+    # growth (178/s on a 4x burst). The growth resumes from the new baseline the next tick.
+    joined = len(metrics.replicas) != state.reporting
     if state.backlog is not None and state.backlog_s is not None and now > state.backlog_s:
         weight = min(1.0, (now - state.backlog_s) / SMOOTHING_S)
-        growth += weight * ((backlog - state.backlog) / (now - state.backlog_s) - growth)
+        if not joined:
+            growth += weight * ((backlog - state.backlog) / (now - state.backlog_s) - growth)
+        # The rate at T: every batch at T or more, and not deep in a queue (a saturated
+        # replica's rate swings 5-30/s with its prefill chunks; learned there, it kept 25
+        # replicas for a load 19 served).
         at_target = metrics.replicas and all(r.running >= per_replica for r in metrics.replicas)
-        if at_target and throughput > 0:
+        if at_target and throughput > 0 and backlog <= in_service / 2:
             previous = throughput if rate_at_target is None else rate_at_target
             rate_at_target = previous + weight * (throughput - previous)
     state = replace(
-        state, backlog=backlog, backlog_s=now, growth=growth, rate_at_target=rate_at_target
+        state,
+        backlog=backlog,
+        backlog_s=now,
+        growth=growth,
+        reporting=len(metrics.replicas),
+        rate_at_target=rate_at_target,
     )
     rate_floor = 0
     if rate_at_target:
+        # A saturated replica (a batch far above T, long prefill chunks) finishes fewer requests
+        # per second than at T, where the replicas being added will run: sized at the saturated
+        # rate, a 4x burst asked for 20 replicas where 8 did.
+        throughput = max(throughput, rate_at_target)
         # No hysteresis margin here: the rate was measured at T, below what a replica can
         # finish at most (with 0.2, a diurnal peak kept 11 replicas where 8 did).
         arrivals = metrics.finished_per_s + max(0.0, growth)

@@ -7,7 +7,7 @@ import random
 import pytest
 
 from loadtest.arrivals import bursty_trace, diurnal_trace
-from loadtest.bench_autoscaling import oscillations, replica_seconds, window_p95
+from loadtest.bench_autoscaling import oscillations, replica_seconds, window_oracle, window_p95
 from loadtest.simulator.ray_autoscaler import MetricWindow, RayAutoscalingConfig, RayDefaultPolicy
 from loadtest.spec import RequestRecord
 
@@ -87,3 +87,13 @@ def test_figures() -> None:
             )
         )
     assert window_p95(records, 20.0) == [pytest.approx(0.1), None]  # p95 of 20: the 19th
+
+
+def test_oracle_covers_each_windows_arrival_rate_with_whole_replicas() -> None:
+    # 10 s windows: 150 arrivals (15/s), none, 201 (20.1/s), 400 (40/s); 20 req/s per replica.
+    times = (
+        [i / 15 for i in range(150)]
+        + [20 + i / 20.1 for i in range(201)]
+        + [30 + i / 40 for i in range(400)]
+    )
+    assert window_oracle(times, 40.0, 20.0) == [1, 1, 2, 2]  # an empty window keeps one
