@@ -209,6 +209,17 @@ def test_requests_above_the_target_in_a_batch_count_as_backlog() -> None:
     assert started.throughput_per_replica == 1.0
 
 
+def test_a_replica_joining_is_not_read_as_backlog_growth() -> None:
+    """A new replica is flooded from the handles' queue at once while the queue's average lags
+    by the look-back, so for a tick the same requests count twice: not growth."""
+    config = CONFIG.model_copy(update={"max_replicas": 40})
+    _, state = decide(engine_metrics(3, 2, 20, 100, 1.0), config, PolicyState(), 0.0)
+    _, state = decide(engine_metrics(3, 3, 30, 130, 1.0), config, state, 1.0)  # joined
+    assert state.growth == 0.0
+    _, state = decide(engine_metrics(3, 3, 30, 140, 1.0), config, state, 2.0)
+    assert state.growth == pytest.approx(10 / 5)  # 10/s, smoothed over 5 s
+
+
 def test_no_scale_down_below_what_the_arrival_rate_needs_at_the_measured_throughput() -> None:
     """Regression (bench_autoscaling, diurnal evening): requests finish faster at light load, so
     fewer are in flight per request/s; the in-flight count alone took 3 replicas to 1 while the
