@@ -12,7 +12,7 @@ kind, per router replica: 0 when no request is in flight, else something leaked)
 - `pending`: a decision for a handle call Serve has not sent yet (its prompt hashes, its route
   span). Ends when the call is routed; when Serve drops it from its queue (its future is
   cancelled: the client left, a deadline); or when an attempt sent to a replica ended without
-  being routed (the replica refused it and Serve routes it again, or it was cancelled meanwhile).
+  being routed and the call was not queued again (cancelled while the replica was answering).
 - `routed`: a call a replica accepted, counted in that replica's in-flight requests. Ends when its
   result completes, whichever way (finished, failed, cancelled, the replica died). The result's own
   done callback ends it, not Serve's `on_request_completed`: that one can arrive before
@@ -312,9 +312,12 @@ class PolicyRequestRouter(FIFOMixin, RequestRouter):
         result.add_done_callback(lambda _: _call_soon(loop, self._finish, key))
 
     def on_request_completed(self, replica_id: ReplicaID, internal_request_id: str) -> None:
-        # An attempt ended: if its call is still pending it was never routed (refused, or
-        # cancelled before the replica answered). Routed calls end with their own result.
-        self._drop_pending(internal_request_id)
+        # An attempt ended without being routed (routed calls end with their own result): the
+        # call is gone (cancelled before the replica answered) unless Serve queued it again
+        # (refused: a new routing future, still pending, which this completion may trail).
+        pending = self._pending.get(internal_request_id)
+        if pending is not None and (pending.future is None or pending.future.done()):
+            self._drop_pending(internal_request_id)
 
     def _finish(self, key: str) -> None:
         routed = self._routed.pop(key, None)

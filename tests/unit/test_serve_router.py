@@ -262,10 +262,13 @@ async def test_a_call_refused_then_routed_again_is_counted_once() -> None:
     request = pending("busy")
     groups = await router.choose_replicas(replicas, request)
     refused_by = groups[0][0].replica_id
-    request.reset_future()  # Serve re-queues a refused call with a new future
-    # The refused attempt's completion comes after the call was decided again.
+    request.future.set_result(groups[0][0])  # Serve sends it there; the replica refuses
+    request.reset_future()  # and Serve queues the call again, with a new future
+    # The refused attempt's completion comes after the call was decided again: the call is
+    # still waiting, its decision must stay.
     await router.choose_replicas(replicas, request)
     router.on_request_completed(refused_by, "busy")
+    assert router.tracked_requests()["pending"] == 1
     result = FakeResult()
     router.on_request_routed(request, refused_by, result)  # type: ignore[arg-type]
     assert router.tracked_requests() == {"pending": 0, "routed": 1, "policy": 1}
@@ -273,6 +276,19 @@ async def test_a_call_refused_then_routed_again_is_counted_once() -> None:
     await settle()
     assert router.tracked_requests()["routed"] == 1
     result.complete()
+    await settle()
+    assert router.tracked_requests() == IDLE
+
+
+async def test_a_call_cancelled_while_its_replica_answers_leaves_no_state() -> None:
+    # Serve sent the call (its future resolved to the replica) and the caller left before the
+    # replica accepted it: no routed callback comes, only the attempt's completion.
+    router = new_router()
+    replicas = fleet(router)
+    request = pending("left")
+    groups = await router.choose_replicas(replicas, request)
+    request.future.set_result(groups[0][0])
+    router.on_request_completed(groups[0][0].replica_id, "left")
     await settle()
     assert router.tracked_requests() == IDLE
 
