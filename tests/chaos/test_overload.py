@@ -18,7 +18,13 @@ from ray import serve
 from cluster import runtime
 from deployments.config import AppConfig, RouterConfig
 from tests.chaos.harness import wait_for_idle_engines
-from tests.integration.conftest import free_port, simulated_model
+from tests.integration.conftest import (
+    free_port,
+    routing_state,
+    simulated_model,
+    start_local_ray,
+    wait_for_no_routing_state,
+)
 from tests.support import ingress_environment, parse_sse
 
 pytestmark = pytest.mark.chaos
@@ -27,9 +33,15 @@ MAX_ONGOING, MAX_QUEUED, TIMEOUT_S = 4, 8, 4.0
 
 
 @pytest.fixture(scope="module")
-def small_cluster(embedded_model: Path) -> Iterator[str]:
+def metrics_port() -> int:
+    """Where Ray's metrics endpoint serves the routers' router_tracked_requests."""
+    return free_port()
+
+
+@pytest.fixture(scope="module")
+def small_cluster(embedded_model: Path, metrics_port: int) -> Iterator[str]:
     with ingress_environment():  # behind HAProxy, as `serve` runs it
-        ray.init(address="local", num_cpus=4, logging_level="ERROR", include_dashboard=False)
+        start_local_ray(metrics_port)
     port = free_port()
     config = AppConfig(
         router=RouterConfig(cpus=0.1, request_timeout_s=TIMEOUT_S, overload_retry_after_s=2),
@@ -50,7 +62,9 @@ def small_cluster(embedded_model: Path) -> Iterator[str]:
         ray.shutdown()
 
 
-async def test_burst_beyond_the_queue_is_503_never_a_hang(small_cluster: str) -> None:
+async def test_burst_beyond_the_queue_is_503_never_a_hang(
+    small_cluster: str, metrics_port: int
+) -> None:
     # Short answers: every accepted request finishes well inside the 4 s deadline.
     payload = {"model": "sim", "prompt": "burst " * 16, "max_tokens": 20, "stream": True}
 
@@ -77,9 +91,12 @@ async def test_burst_beyond_the_queue_is_503_never_a_hang(small_cluster: str) ->
             events, done = parse_sse(text)
             assert done and events[-1]["choices"][0]["finish_reason"] == "length"
     wait_for_idle_engines()
+    wait_for_no_routing_state(metrics_port)
 
 
-async def test_deadline_is_504_or_an_error_event_and_aborts(small_cluster: str) -> None:
+async def test_deadline_is_504_or_an_error_event_and_aborts(
+    small_cluster: str, metrics_port: int
+) -> None:
     # 3000 tokens take ~15 s on this profile: far past the 4 s deadline.
     long = {"model": "sim", "prompt": "slow", "max_tokens": 3000}
     async with httpx.AsyncClient(base_url=small_cluster, timeout=60) as http:
@@ -93,3 +110,39 @@ async def test_deadline_is_504_or_an_error_event_and_aborts(small_cluster: str) 
         assert time.monotonic() - started < 3 * TIMEOUT_S
     # Both engine requests were aborted, not left to run their 15 s.
     wait_for_idle_engines(timeout_s=5)
+    wait_for_no_routing_state(metrics_port)
+
+
+async def test_clients_leaving_while_queued_leave_no_routing_state(
+    small_cluster: str, metrics_port: int
+) -> None:
+    """Requests waiting at the handle for a slot (routing decided, nothing sent) whose clients
+    leave: their pending decisions must go with them (router_tracked_requests back to 0; with
+    that cleanup disabled this test failed with `pending: 3.0` leaked)."""
+    long = {"model": "sim", "prompt": "slow", "max_tokens": 3000, "stream": True}
+    short = {"model": "sim", "prompt": "queued", "max_tokens": 4}
+    async with httpx.AsyncClient(base_url=small_cluster, timeout=60) as http:
+
+        async def hold_a_slot() -> None:  # until the 4 s deadline ends it with an error event
+            async with http.stream("POST", "/v1/completions", json=long) as response:
+                await response.aread()
+
+        holders = [asyncio.create_task(hold_a_slot()) for _ in range(MAX_ONGOING)]
+        await asyncio.sleep(1.0)  # every slot taken
+        # They leave at 3.5 s, before the holders' deadline (4 s) frees a slot.
+        leaving = [
+            asyncio.create_task(http.post("/v1/completions", json=short, timeout=2.5))
+            for _ in range(3)
+        ]
+        seen = []
+        for _ in range(8):  # published within 0.5 s of a change, exported every second
+            await asyncio.sleep(0.2)
+            _, state = await asyncio.to_thread(routing_state, metrics_port)
+            seen.append(sum(v for (_, _, kind), v in state.items() if kind == "pending"))
+        for task in leaving:
+            with pytest.raises(httpx.TimeoutException):
+                await task
+        await asyncio.gather(*holders)
+    print(f"pending decisions seen while the 3 clients waited: {seen}")
+    wait_for_idle_engines(timeout_s=5)
+    wait_for_no_routing_state(metrics_port)
