@@ -192,7 +192,7 @@ PANELS: tuple[Panel, ...] = (
         "(deployments/autoscaling.py), against the replicas running then.",
     ),
     Panel(
-        "HTTP requests/s by status (Serve proxy)",
+        "HTTP requests/s by status (ingress)",
         "reqps",
         (
             Query(
@@ -200,6 +200,8 @@ PANELS: tuple[Panel, ...] = (
                 "{{application}} {{status_code}}",
             ),
         ),
+        "Serve's own count at the ingress: from HAProxy's log (the default) or by Serve's "
+        "Python proxy (ingress.haproxy: false).",
     ),
     Panel(
         "Healthy replicas by deployment",
