@@ -20,7 +20,11 @@ STATUS_DECISIONS = 5  # the autoscaler's most recent decisions shown per deploym
 def main(argv: list[str] | None = None) -> int:
     parser = _parser()
     args = parser.parse_args(argv)
-    return int(args.run(args))
+    try:
+        return int(args.run(args))
+    except ConfigError as exc:  # a command given an unusable config file: say why, exit 2
+        print(exc, file=sys.stderr)
+        return EXIT_CONFIG
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -82,11 +86,7 @@ def _parser() -> argparse.ArgumentParser:
 def _render_k8s(args: argparse.Namespace) -> int:
     from cluster import k8s_render
 
-    try:
-        config = load_config(args.config)
-    except ConfigError as exc:
-        print(exc, file=sys.stderr)
-        return EXIT_CONFIG
+    config = load_config(args.config)
     text = k8s_render.render_file(config, config_name=args.config.as_posix())
     if args.out is None:
         print(text, end="")
@@ -117,11 +117,7 @@ def _reference(args: argparse.Namespace) -> int:
 
 
 def _validate(args: argparse.Namespace) -> int:
-    try:
-        config = load_config(args.file)
-    except ConfigError as exc:
-        print(exc, file=sys.stderr)
-        return EXIT_CONFIG
+    config = load_config(args.file)
     names = ", ".join(f"{m.name} ({m.engine} x{m.num_replicas})" for m in config.models)
     print(f"{args.file}: valid; models: {names}")
     return 0
@@ -134,11 +130,7 @@ def _serve(args: argparse.Namespace) -> int:
     from cluster import runtime
 
     path = args.config or default_config_path()
-    try:
-        config = load_config(path)
-    except ConfigError as exc:
-        print(exc, file=sys.stderr)
-        return EXIT_CONFIG
+    config = load_config(path)
     updates = {k: v for k, v in (("host", args.host), ("port", args.port)) if v is not None}
     http = config.http.model_copy(update=updates)
     if args.address:
