@@ -36,9 +36,9 @@ from collections.abc import Callable, Coroutine, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
-from deployments.engines.base import EngineOutput, EngineRequest, EngineStats, SamplingParams
+from deployments.engines.base import EngineRequest, EngineStats, SamplingParams
 from deployments.engines.profiles import PerformanceProfile
-from deployments.engines.simulated import SimulatedEngineCore
+from deployments.engines.simulated import SampledToken, SimulatedEngineCore
 from deployments.routing.hashing import block_hashes
 from deployments.routing.policy import ReplicaView, RoutingPolicy, RoutingRequest
 from loadtest.simulator.ideal import IdealPrefixCache
@@ -215,7 +215,7 @@ class _Replica:
         self.finished = 0
         self.finished_reported = 0
         self.stepping = False  # a step is under way; its outputs are in `outputs`
-        self.outputs: list[EngineOutput] = []
+        self.outputs: list[SampledToken] = []
 
     def add_in_flight(self, t: float, delta: int) -> None:
         self.in_flight_s += self.in_flight * (t - self.in_flight_since)
@@ -505,14 +505,15 @@ class _Run:
     # -- the replicas --------------------------------------------------------------------------
 
     def _step(self, t: float, replica: _Replica) -> None:
-        result = replica.core.step()
-        if result.duration_s == 0.0 and not result.outputs:
+        # The step's tokens, not validated EngineOutputs: a run has millions.
+        duration_s, outputs = replica.core.step_sampled()
+        if duration_s == 0.0 and not outputs:
             replica.stepping = False  # nothing could run: the next request wakes it
             return
         replica.stepping = True
-        replica.busy_s += result.duration_s
-        replica.outputs = result.outputs
-        self._push(t + result.duration_s, _STEP_END, replica)
+        replica.busy_s += duration_s
+        replica.outputs = outputs
+        self._push(t + duration_s, _STEP_END, replica)
 
     def _on_step_end(self, t: float, replica: _Replica) -> None:
         outputs = replica.outputs
@@ -525,15 +526,13 @@ class _Run:
         flights = self._flights
         for output in outputs:
             flight = flights[output.request_id]
-            tokens = output.token_ids
-            if tokens:
-                record = flight.record
-                record.token_times_s.append(t)
-                record.output_tokens += len(tokens)
-                if flight.generated is not None:
-                    flight.generated.extend(tokens)
+            record = flight.record
+            record.token_times_s.append(t)
+            record.output_tokens += 1
+            if flight.generated is not None:
+                flight.generated.append(output.token_id)
             if output.finish_reason is not None:
-                flight.record.cached_tokens = output.num_cached_tokens
+                record.cached_tokens = output.num_cached_tokens
                 if flight.predicted is not None:
                     self._cached_predicted += flight.predicted
                     self._cached_found += output.num_cached_tokens

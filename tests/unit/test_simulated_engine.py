@@ -227,6 +227,25 @@ def test_request_seed_makes_tokens_independent_of_request_id() -> None:
     assert out["c"] != out["d"]
 
 
+@pytest.mark.parametrize(
+    ("vocab_size", "expected"),
+    [
+        (26, [2, 11, 13, 2, 20, 18, 15, 1, 12, 12, 2, 8]),
+        (1000, [88, 378, 443, 76, 657, 598, 504, 45, 399, 397, 83, 278]),
+        (
+            128256,
+            [11327, 48468, 56762, 9778, 84207, 76660, 64561, 5823, 51117, 50925, 10733, 35620],
+        ),
+    ],
+)
+def test_tokens_replay_earlier_runs(vocab_size: int, expected: list[int]) -> None:
+    # Drawn by `random.Random.randrange(vocab_size)` before the engine inlined its algorithm:
+    # the ids of a seed must not change, or recorded simulations stop replaying.
+    core = SimulatedEngineCore(make_profile(vocab_size=vocab_size), seed=5)
+    out = generate_all(core, make_request("r", [1, 2, 3], max_tokens=12, seed=42))
+    assert out["r"] == expected
+
+
 # -- prefix cache --------------------------------------------------------------------------------
 
 
