@@ -45,7 +45,7 @@ from deployments.engines.base import (
     TokenLogprob,
 )
 from deployments.engines.profiles import PerformanceProfile
-from deployments.routing.hashing import block_hashes
+from deployments.routing.hashing import block_hashes, chain_hashes
 
 Detokenize = Callable[[Sequence[int]], str]
 
@@ -423,8 +423,7 @@ class SimulatedEngineCore:
         requeue it first, recompute it on readmission."""
         seq = self._running.pop()
         self._release(seq)
-        if len(seq.hashes) < len(seq.tokens) // self._block_size:
-            seq.hashes = block_hashes(seq.tokens, self._block_size, seq.salt)
+        self._hash_blocks(seq, len(seq.tokens) // self._block_size)
         seq.num_computed = 0
         seq.num_hashed = 0
         seq.prefilled = False
@@ -573,11 +572,9 @@ class SimulatedEngineCore:
 
     def _release(self, seq: _Seq) -> None:
         """Unpin the sequence's blocks; its full computed blocks stay cached until evicted."""
-        bs = self._block_size
-        num_full = seq.num_computed // bs
-        if num_full > len(seq.hashes):
-            # Blocks filled by generated tokens: hashed once here rather than per decode step.
-            seq.hashes = block_hashes(seq.tokens[: num_full * bs], bs, seq.salt)
+        num_full = seq.num_computed // self._block_size
+        # Blocks filled by generated tokens: hashed once here rather than per decode step.
+        self._hash_blocks(seq, num_full)
         self._commit(seq, num_full)
         ref = self._ref
         # Tail blocks first, as vLLM frees them: a prefix's end is evicted before its start.
@@ -586,6 +583,20 @@ class SimulatedEngineCore:
             if ref[block] == 0:
                 self._free[block] = None
         seq.blocks = []
+
+    def _hash_blocks(self, seq: _Seq, num_full: int) -> None:
+        """Extend the sequence's chained block hashes to its first `num_full` blocks."""
+        hashes = seq.hashes
+        if num_full <= len(hashes):
+            return
+        bs = self._block_size
+        tokens = seq.tokens[len(hashes) * bs : num_full * bs]
+        # Continuing the chain gives the hashes of hashing all the tokens again, at a fraction of
+        # the cost. A new list: the choices of a request share their prompt's.
+        if hashes:
+            seq.hashes = hashes + chain_hashes(hashes[-1], tokens, bs)
+        else:
+            seq.hashes = block_hashes(tokens, bs, seq.salt)
 
     def _emit_event(self, event: KVCacheEvent) -> None:
         if len(self._events) >= self._max_events:
