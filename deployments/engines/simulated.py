@@ -217,8 +217,15 @@ class SimulatedEngineCore:
 
     # -- requests ------------------------------------------------------------------------------
 
-    def add_request(self, request: EngineRequest) -> None:
-        """Queue a request; raises ValueError for a duplicate id or one the cache cannot hold."""
+    def add_request(
+        self, request: EngineRequest, prompt_hashes: Sequence[int] | None = None
+    ) -> None:
+        """Queue a request; raises ValueError for a duplicate id or one the cache cannot hold.
+
+        `prompt_hashes`: the prompt's `block_hashes` with this engine's block size and the
+        request's salt, from a caller that has them already (the simulator's router), so they
+        are not computed twice.
+        """
         request_id = request.request_id
         if request_id in self._requests:
             raise ValueError(f"request {request_id!r} is already in the engine")
@@ -232,7 +239,10 @@ class SimulatedEngineCore:
                 f"request {request_id!r} needs {needed} KV blocks for prompt + max_tokens; the "
                 f"cache holds {self._num_blocks}"
             )
-        hashes = block_hashes(request.prompt_token_ids, bs, request.cache_salt)
+        if prompt_hashes is None:
+            hashes = block_hashes(request.prompt_token_ids, bs, request.cache_salt)
+        else:
+            hashes = list(prompt_hashes)
         key = f"seed:{sampling.seed}" if sampling.seed is not None else f"id:{request_id}"
         seqs = [_Seq(request, i, hashes, self._rng(key, i)) for i in range(sampling.n)]
         self._requests[request_id] = seqs

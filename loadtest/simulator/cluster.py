@@ -482,7 +482,8 @@ class _Run:
             cache_salt=None,
         )
         try:
-            replica.core.add_request(engine_request)
+            # The router's hashes: the same block size and (no) salt as the engine's.
+            replica.core.add_request(engine_request, request.block_hashes)
         except ValueError as exc:  # more KV blocks than the whole cache: the engine refuses it
             self._finish(t, flight, _REJECTED, str(exc))
             return

@@ -315,6 +315,18 @@ def test_generated_full_blocks_are_cached_over_prompt_and_output() -> None:
     assert outs[0].num_cached_tokens == 16
 
 
+def test_prompt_hashes_from_the_caller_key_the_cache() -> None:
+    # The simulator's router passes the hashes it made for routing; the engine does not redo them.
+    core = SimulatedEngineCore(make_profile())
+    given = [11, 22]  # the 2 full blocks of a 10-token prompt
+    core.add_request(make_request("a", prompt_of(10), max_tokens=1), prompt_hashes=given)
+    run_all(core)
+    stored = [
+        h for e in core.drain_kv_events() if isinstance(e, BlocksStored) for h in e.block_hashes
+    ]
+    assert stored == given
+
+
 def test_eviction_under_capacity_pressure() -> None:
     core = SimulatedEngineCore(make_profile(num_kv_blocks=8))
     old = prompt_of(12)
