@@ -28,8 +28,8 @@ The rules, in order:
            margin: nothing flaps on noise around a boundary
   down     only after the load stayed low for `downscale_delay_s`, by at most `downscale_max_step`
            replicas, then the delay starts again; never below what the arrival rate (finished
-           per second + backlog growth) needs at the per-replica throughput measured while every
-           replica had T or more in its batch
+           per second + backlog growth) needs at the per-replica throughput measured in a
+           steady state with every batch near T (`rate_at_target`)
   zero     (min_replicas 0) after `scale_to_zero_idle_s` with no load; 0 -> 1 on the first queued
            request at once. On Ray, Serve's cold-start path takes 0 -> 1 without calling the
            policy; the policy records that step when it next runs (it sees a target above the
@@ -58,6 +58,18 @@ STARTING_HOLD_MAX_S = 600.0
 # target: long enough that Poisson noise around a full batch does not read as a trend (it added
 # and removed replicas every few ticks unsmoothed), short against a 30 s replica start.
 SMOOTHING_S = 5.0
+
+# The throughput at T (`rate_at_target`) is learned while every batch holds at least this share
+# of T (a replica finishes a little less there than at T: an estimate on the safe side), ...
+LEARN_SHARE = 0.8
+# ... the same replicas have reported for SETTLE_S seconds, ...
+SETTLE_S = 10.0
+# ... the requests in service change by at most this share per second, ...
+STEADY_SHARE = 0.02
+# ... and the backlog is at most this share of the requests in service.
+QUEUE_FREE = 0.05
+# Time constant (s) of its smoothing: one replica's 3 s average of completions swings +-15%.
+LEARN_SMOOTHING_S = 10.0
 
 # Decisions kept in the policy state (and published for `status`): bounded, newest last.
 DECISION_HISTORY = 20
@@ -138,10 +150,14 @@ class PolicyState:
     backlog: float | None = None  # the backlog at the last tick, for its growth rate
     backlog_s: float | None = None  # when it was seen
     growth: float = 0.0  # the backlog's growth rate (requests/s), smoothed
+    in_service: float | None = None  # requests in service (up to T per replica) at the last tick
+    service_growth: float = 0.0  # their growth rate (requests/s), smoothed
     reporting: int = 0  # replicas that reported at the last tick
+    settled_since_s: float | None = None  # since when that many replicas report
     # Requests one replica finishes per second with at least target_per_replica in its batch,
     # smoothed (None: never seen): the throughput a scale-down must leave enough of.
     rate_at_target: float | None = None
+    rate_provisional: float | None = None  # the same, until a steady state measured it
     history: tuple[Decision, ...] = field(default_factory=tuple)
 
     def to_dict(self) -> dict[str, Any]:
@@ -160,8 +176,12 @@ class PolicyState:
             backlog=data.get("backlog"),
             backlog_s=data.get("backlog_s"),
             growth=data.get("growth", 0.0),
+            in_service=data.get("in_service"),
+            service_growth=data.get("service_growth", 0.0),
             reporting=data.get("reporting", 0),
+            settled_since_s=data.get("settled_since_s"),
             rate_at_target=data.get("rate_at_target"),
+            rate_provisional=data.get("rate_provisional"),
             history=tuple(Decision(**d) for d in data.get("history", ())),
         )
 
@@ -313,30 +333,61 @@ def _sized_load(
     in_service = sum(min(r.running, per_replica) for r in metrics.replicas)
     backlog = load - in_service
     throughput = metrics.throughput_per_replica
-    growth, rate_at_target = state.growth, state.rate_at_target
+    growth, service_growth = state.growth, state.service_growth
+    rate_at_target, provisional = state.rate_at_target, state.rate_provisional
     # A replica that joins is flooded from the handles' queue at once, while the queue's
     # average lags by the look-back: for that tick the same requests count twice, and read as
     # growth (178/s on a 4x burst). The growth resumes from the new baseline the next tick.
     joined = len(metrics.replicas) != state.reporting
-    if state.backlog is not None and state.backlog_s is not None and now > state.backlog_s:
-        weight = min(1.0, (now - state.backlog_s) / SMOOTHING_S)
+    settled_since = now if joined or state.settled_since_s is None else state.settled_since_s
+    if state.backlog_s is not None and now > state.backlog_s:
+        elapsed = now - state.backlog_s
+        weight = min(1.0, elapsed / SMOOTHING_S)
         if not joined:
-            growth += weight * ((backlog - state.backlog) / (now - state.backlog_s) - growth)
-        # The rate at T: every batch at T or more, and not deep in a queue (a saturated
-        # replica's rate swings 5-30/s with its prefill chunks; learned there, it kept 25
-        # replicas for a load 19 served).
+            growth += weight * ((backlog - (state.backlog or 0.0)) / elapsed - growth)
+            service_growth += weight * (
+                (in_service - (state.in_service or 0.0)) / elapsed - service_growth
+            )
+        # The rate at T, learned in a steady state only: every batch near T, next to no queue,
+        # the same replicas for SETTLE_S and the batches neither filling nor emptying. While
+        # batches fill, requests finish at the rate they arrived a latency ago, below the rate
+        # the batch sustains; a replica that just joined has a full batch and has finished
+        # little, then finishes its flood at once. Learned there (whenever every batch was at T
+        # or more), it read 9-15/s where a replica finishes 17.5 at T, and its rate floor held
+        # 2-3 replicas too many all the way down a diurnal evening.
+        near_target = metrics.replicas and all(
+            r.running >= LEARN_SHARE * per_replica for r in metrics.replicas
+        )
+        steady = (
+            now - settled_since >= SETTLE_S
+            and abs(service_growth) <= STEADY_SHARE * in_service
+            and backlog <= in_service * QUEUE_FREE
+        )
+        if near_target and steady and throughput > 0:
+            previous = throughput if rate_at_target is None else rate_at_target
+            learn = min(1.0, elapsed / LEARN_SMOOTHING_S)
+            rate_at_target = previous + learn * (throughput - previous)
+        # Until then, a provisional rate from any tick with every batch at T or more and not
+        # deep in a queue: low (batches filling), so a floor on the safe side. Without any, a
+        # burst's fleet went 11 -> 9 on the in-flight count, which under-counts at light
+        # batches, and straight back up.
         at_target = metrics.replicas and all(r.running >= per_replica for r in metrics.replicas)
         if at_target and throughput > 0 and backlog <= in_service / 2:
-            previous = throughput if rate_at_target is None else rate_at_target
-            rate_at_target = previous + weight * (throughput - previous)
+            previous = throughput if provisional is None else provisional
+            provisional = previous + weight * (throughput - previous)
     state = replace(
         state,
         backlog=backlog,
         backlog_s=now,
         growth=growth,
+        in_service=in_service,
+        service_growth=service_growth,
         reporting=len(metrics.replicas),
+        settled_since_s=settled_since,
         rate_at_target=rate_at_target,
+        rate_provisional=provisional,
     )
+    rate_at_target = rate_at_target or provisional
     rate_floor = 0
     if rate_at_target:
         # A saturated replica (a batch far above T, long prefill chunks) finishes fewer requests

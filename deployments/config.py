@@ -203,9 +203,10 @@ class ModelAutoscalingConfig(ScalingConfig):
         description="How long KV usage must stay above kv_usage_threshold for each extra replica.",
     )
     drain_horizon_s: PositiveFloat = Field(
-        60.0,
+        120.0,
         description="Requests waiting for a batch slot are sized to be drained within this "
-        "horizon at the replicas' measured completion rate, not served all at once.",
+        "horizon at the replicas' measured completion rate, not served all at once (a shorter "
+        "horizon drains a burst's queue sooner with more replicas that then idle).",
     )
     scale_to_zero_idle_s: NonNegativeFloat = Field(
         300.0,

@@ -31,6 +31,7 @@ CONFIG = ModelAutoscalingConfig(
     downscale_max_step=2,
     kv_usage_threshold=0.9,
     kv_sustain_s=10,
+    drain_horizon_s=60,
 )
 
 
@@ -227,11 +228,13 @@ def test_no_scale_down_below_what_the_arrival_rate_needs_at_the_measured_through
     config = CONFIG.model_copy(update={"max_replicas": 20})
     light = engine_metrics(3, 3, 9, 0, finished_per_s=1.5)  # 9 in flight fits 2; 4.5/s arrive
     state = PolicyState()
-    for t in range(10):  # every batch at T = 10, each replica finishing 2/s: learned
+    for t in range(20):  # every batch at T = 10, each replica finishing 2/s: learned ...
         _, state = decide(engine_metrics(3, 3, 30, 0, finished_per_s=2.0), config, state, t)
+        if t < 10:  # ... once the same replicas have reported for SETTLE_S (10 s)
+            assert state.rate_at_target is None
     assert state.rate_at_target == pytest.approx(2.0)
     targets = []
-    for t in range(10, 200):
+    for t in range(20, 200):
         decision, state = decide(light, config, state, float(t))
         targets.append(decision.target)
     # 4.5/s at 2/s per replica: ceil(2.25) = 3.
@@ -241,6 +244,18 @@ def test_no_scale_down_below_what_the_arrival_rate_needs_at_the_measured_through
     for t in range(31):  # the 30 s downscale delay, then a step
         decision, never_measured = decide(light, config, never_measured, float(t))
     assert decision.target == 2  # without a measurement, the in-flight count decides
+
+
+def test_the_throughput_at_target_is_not_learned_while_batches_fill() -> None:
+    """Regression (bench_autoscaling, diurnal): while batches fill, requests finish at the rate
+    they arrived a latency ago. Learned there, the rate read 9-15/s where a replica finishes
+    17.5 at T, and the rate floor kept 2-3 replicas too many through the evening."""
+    state = PolicyState()
+    batches = [5.0] * 10 + [8 * 1.05**i for i in range(5)] + [10.0] * 25  # T = 10
+    for t, batch in enumerate(batches):  # finishing 1/s per replica while filling, then 2/s
+        finished = 2.0 if batch == 10.0 else 1.0
+        _, state = decide(engine_metrics(3, 3, 3 * batch, 0, finished), CONFIG, state, float(t))
+    assert state.rate_at_target == 2.0  # the filling ticks (near T, no queue) left no trace
 
 
 def test_kv_pressure_adds_a_replica_only_when_sustained() -> None:

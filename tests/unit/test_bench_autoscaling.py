@@ -7,7 +7,13 @@ import random
 import pytest
 
 from loadtest.arrivals import bursty_trace, diurnal_trace
-from loadtest.bench_autoscaling import oscillations, replica_seconds, window_oracle, window_p95
+from loadtest.bench_autoscaling import (
+    oracle_with_start,
+    oscillations,
+    replica_seconds,
+    window_oracle,
+    window_p95,
+)
 from loadtest.simulator.ray_autoscaler import MetricWindow, RayAutoscalingConfig, RayDefaultPolicy
 from loadtest.spec import RequestRecord
 
@@ -97,3 +103,13 @@ def test_oracle_covers_each_windows_arrival_rate_with_whole_replicas() -> None:
         + [30 + i / 40 for i in range(400)]
     )
     assert window_oracle(times, 40.0, 20.0) == [1, 1, 2, 2]  # an empty window keeps one
+
+
+def test_the_oracle_paying_the_start_starts_ahead_and_keeps_replicas_through_short_dips() -> None:
+    # 10 s windows, 30 s starts. Two steps up of 2 replicas each cost 2 x 30 s more, ...
+    assert oracle_with_start([1, 3, 3, 5], start_s=30) == 10 * (1 + 3 + 3 + 5) + 4 * 30
+    # ... a dip of one window is cheaper kept (10 s) than restarted (30 s), ...
+    assert oracle_with_start([2, 1, 2], start_s=30) == 10 * 6
+    # ... and a dip of four windows is cheaper restarted.
+    assert oracle_with_start([2, 1, 1, 1, 1, 2], start_s=30) == 10 * 8 + 30
+    assert oracle_with_start([2, 1, 2], start_s=0) == 10 * 5
