@@ -154,10 +154,12 @@ class PolicyState:
     service_growth: float = 0.0  # their growth rate (requests/s), smoothed
     reporting: int = 0  # replicas that reported at the last tick
     settled_since_s: float | None = None  # since when that many replicas report
-    # Requests one replica finishes per second with at least target_per_replica in its batch,
-    # smoothed (None: never seen): the throughput a scale-down must leave enough of.
+    # Requests one replica finishes per second with about target_per_replica in its batch, in a
+    # steady state, smoothed (None: never seen): the throughput a scale-down must leave enough of.
     rate_at_target: float | None = None
-    rate_provisional: float | None = None  # the same, until a steady state measured it
+    # The same from any tick with every batch at T or more (low: batches filling), used until a
+    # steady state measured rate_at_target.
+    rate_provisional: float | None = None
     history: tuple[Decision, ...] = field(default_factory=tuple)
 
     def to_dict(self) -> dict[str, Any]:
@@ -387,7 +389,7 @@ def _sized_load(
         rate_at_target=rate_at_target,
         rate_provisional=provisional,
     )
-    rate_at_target = rate_at_target or provisional
+    rate_at_target = rate_at_target or provisional  # from here on, the best estimate there is
     rate_floor = 0
     if rate_at_target:
         # A saturated replica (a batch far above T, long prefill chunks) finishes fewer requests

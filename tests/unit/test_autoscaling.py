@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import itertools
+import json
 import math
 import random
 from dataclasses import dataclass, field
@@ -341,6 +342,11 @@ def test_state_round_trips_through_a_dict() -> None:
     run = Run(target=2)
     run.tick(load=80)
     assert PolicyState.from_dict(run.state.to_dict()) == run.state
+    state = PolicyState()
+    for t in range(20):  # batches at T, steady: every learned field set
+        _, state = decide(engine_metrics(3, 3, 30, 0, 2.0), CONFIG, state, float(t))
+    assert None not in (state.rate_at_target, state.rate_provisional, state.settled_since_s)
+    assert PolicyState.from_dict(json.loads(json.dumps(state.to_dict()))) == state
     assert PolicyState.from_dict(None) == PolicyState()
 
 
