@@ -11,6 +11,7 @@ from loadtest.bench_autoscaling import (
     oracle_with_start,
     oscillations,
     replica_seconds,
+    sized_with_margin,
     window_oracle,
     window_p95,
 )
@@ -113,3 +114,12 @@ def test_the_oracle_paying_the_start_starts_ahead_and_keeps_replicas_through_sho
     # ... and a dip of four windows is cheaper restarted.
     assert oracle_with_start([2, 1, 1, 1, 1, 2], start_s=30) == 10 * 8 + 30
     assert oracle_with_start([2, 1, 2], start_s=0) == 10 * 5
+
+
+def test_sized_with_margin_holds_the_busiest_window_within_reach_at_that_share() -> None:
+    rates = [10.0, 10.0, 40.0, 10.0, 10.0]  # req/s per 10 s window; 10 req/s per replica
+    assert sized_with_margin(rates, 10.0, 1.0, 0.0) == 10 * (1 + 1 + 4 + 1 + 1)
+    assert sized_with_margin(rates, 10.0, 1.0, 10.0) == 10 * (
+        1 + 4 + 4 + 4 + 1
+    )  # a window of reach
+    assert sized_with_margin(rates, 10.0, 0.8, 0.0) == 10 * (2 + 2 + 5 + 2 + 2)  # 10 / 8 -> 2
