@@ -90,8 +90,8 @@ CALIBRATION_S = 120.0  # how long a rate must hold on one replica to count as su
 # to 0.9 s; at 22 req/s 219 and past 2 s within 30 s).
 OUR_TARGET = 96.0
 RAY_TARGETS = (2, 32, 96)
-# Shares of a replica's capacity the `sized_with_margin` floors are printed for: 0.85 is ours at
-# OUR_TARGET (~17.5 req/s of 20.56).
+# Shares of a replica's capacity the `sized_with_margin` references are printed for: 0.85 is
+# ours at OUR_TARGET (~17.5 req/s of 20.56).
 MARGIN_UTILIZATIONS = (1.0, 0.9, 0.85)
 OUR_CONFIG = ModelAutoscalingConfig(enabled=True, max_replicas=MAX_REPLICAS)
 
