@@ -97,16 +97,9 @@ class ScalingMetrics:
 
     @property
     def load(self) -> float:
-        return self.in_service + self.backlog
-
-    @property
-    def in_service(self) -> float:
-        return sum(r.running for r in self.replicas)
-
-    @property
-    def backlog(self) -> float:
-        """Requests not yet in an engine's batch: waiting in the engines and at the handles."""
-        return sum(r.waiting for r in self.replicas) + self.queued
+        """Requests in the engines (running + waiting) and queued at the handles. How much of
+        it is in service and how much is backlog depends on T: `_sized_load` splits it."""
+        return sum(r.running + r.waiting for r in self.replicas) + self.queued
 
     @property
     def throughput_per_replica(self) -> float:
