@@ -47,12 +47,6 @@ def app_config(embedded_model: Path, llm_replicas: int) -> AppConfig:
 
 
 @pytest.fixture(scope="module")
-def metrics_port() -> int:
-    """Where Ray's metrics endpoint serves the routers' router_tracked_requests."""
-    return free_port()
-
-
-@pytest.fixture(scope="module")
 def cluster(embedded_model: Path, metrics_port: int) -> Iterator[str]:
     with ingress_environment():
         start_local_ray(metrics_port)

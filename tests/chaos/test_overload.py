@@ -33,12 +33,6 @@ MAX_ONGOING, MAX_QUEUED, TIMEOUT_S = 4, 8, 4.0
 
 
 @pytest.fixture(scope="module")
-def metrics_port() -> int:
-    """Where Ray's metrics endpoint serves the routers' router_tracked_requests."""
-    return free_port()
-
-
-@pytest.fixture(scope="module")
 def small_cluster(embedded_model: Path, metrics_port: int) -> Iterator[str]:
     with ingress_environment():  # behind HAProxy, as `serve` runs it
         start_local_ray(metrics_port)
