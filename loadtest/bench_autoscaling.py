@@ -69,7 +69,7 @@ from deployments.config import ModelAutoscalingConfig
 from deployments.engines.profiles import LLAMA_8B_H100
 from deployments.routing.policy import create_policy
 from loadtest.arrivals import bursty_trace, diurnal_trace, inhomogeneous_poisson
-from loadtest.metrics import latencies
+from loadtest.metrics import latencies, nearest_rank
 from loadtest.simulator.cluster import AutoscalingMetrics, FleetSpec, SimulationResult, simulate
 from loadtest.simulator.ray_autoscaler import MetricWindow, RayAutoscalingConfig, RayDefaultPolicy
 from loadtest.spec import RequestRecord, Session, Turn
@@ -143,14 +143,7 @@ def window_p95(records: Sequence[RequestRecord], duration_s: float) -> list[floa
         index = int(record.start_s // WINDOW_S)
         if index < len(buckets):
             buckets[index].append(_ttft(record))
-    return [p95(ttfts) for ttfts in buckets]
-
-
-def p95(values: list[float]) -> float | None:
-    if not values:
-        return None
-    values = sorted(values)
-    return values[max(0, math.ceil(0.95 * len(values)) - 1)]
+    return [nearest_rank(ttfts, 95) if ttfts else None for ttfts in buckets]
 
 
 def _ttft(record: RequestRecord) -> float:

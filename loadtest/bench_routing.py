@@ -26,12 +26,13 @@ import gc
 import os
 import random
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 
 from deployments.engines.base import BlocksStored, EngineStats
 from deployments.routing.hashing import block_hashes
 from deployments.routing.policies import CacheLoad, CacheLoadParams
 from deployments.routing.policy import ReplicaView, RoutingRequest
+from loadtest.metrics import nearest_rank
 from loadtest.simulator import resolve
 
 BLOCK_SIZE = 16
@@ -40,10 +41,6 @@ BLOCK_SIZE = 16
 def _rss_bytes() -> int:
     with open("/proc/self/statm") as statm:
         return int(statm.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
-
-
-def _percentile(sorted_values: Sequence[float], p: float) -> float:
-    return sorted_values[min(len(sorted_values) - 1, int(p / 100 * len(sorted_values)))]
 
 
 class _Bench:
@@ -130,8 +127,7 @@ class _Bench:
 def _run(
     bench: _Bench, make: Callable[[], RoutingRequest], decisions: int
 ) -> tuple[list[float], list[float], list[float]]:
-    """Sorted CPU times of the ranks and of rank + on_routed, and wall times of both, in
-    microseconds."""
+    """CPU times of the ranks and of rank + on_routed, and wall times of both, in microseconds."""
     rank_us: list[float] = []
     cpu_us: list[float] = []
     wall_us: list[float] = []
@@ -144,7 +140,7 @@ def _run(
         wall_us.append(wall / 1000)
         if i % 64 == 63:
             bench.settle()
-    return sorted(rank_us), sorted(cpu_us), sorted(wall_us)
+    return rank_us, cpu_us, wall_us
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -198,9 +194,9 @@ def main(argv: list[str] | None = None) -> int:
     for name, make in scenarios.items():
         rank, cpu, wall = _run(bench, make, args.decisions)
         print(
-            f"| {name} | {len(cpu)} | {_percentile(rank, 50):.1f} | {_percentile(rank, 99):.1f} "
-            f"| {_percentile(cpu, 50):.1f} | {_percentile(cpu, 99):.1f} | {cpu[-1]:.1f} | "
-            f"{_percentile(wall, 50):.1f} | {_percentile(wall, 99):.1f} |"
+            f"| {name} | {len(cpu)} | {nearest_rank(rank, 50):.1f} | {nearest_rank(rank, 99):.1f} "
+            f"| {nearest_rank(cpu, 50):.1f} | {nearest_rank(cpu, 99):.1f} | {max(cpu):.1f} | "
+            f"{nearest_rank(wall, 50):.1f} | {nearest_rank(wall, 99):.1f} |"
         )
     print(
         f"\nindex after the runs: {index.stored:,} entries (cap {args.indexed_blocks:,}), "

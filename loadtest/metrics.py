@@ -8,14 +8,17 @@ request, with t0 its send time and t1..tn the arrival times of its token chunks:
   E2E  = tn - t0 (the last token, not the trailing usage chunk)
   ITL  = t2 - t1, ..., tn - tn-1 (per chunk: a chunk with several tokens is one gap)
   TPOT = (E2E - TTFT) / (output_tokens - 1), only for requests with more than one output token
-Percentiles are numpy's (linear interpolation), as vLLM's. Throughputs divide by the run's
-duration. Goodput counts the completed requests that meet every SLO given (TTFT <= SLO and
-TPOT <= SLO, where a one-token request's TPOT is 0, as in vLLM) per second.
+Percentiles are numpy's (linear interpolation), as vLLM's; the benchmarks' own figures (an SLO
+window's TTFT p95, a decision's p99) use `nearest_rank`, which stays a measured value and takes
+a failed request's infinite TTFT. Throughputs divide by the run's duration. Goodput counts the
+completed requests that meet every SLO given (TTFT <= SLO and TPOT <= SLO, where a one-token
+request's TPOT is 0, as in vLLM) per second.
 """
 
 from __future__ import annotations
 
 import itertools
+import math
 from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -54,6 +57,15 @@ def latencies(record: RequestRecord) -> Latencies | None:
     tpot = (e2e - ttft) / (output_tokens - 1) if output_tokens > 1 else None
     itl = [b - a for a, b in itertools.pairwise(times)]
     return Latencies(ttft, e2e, tpot, itl, output_tokens)
+
+
+def nearest_rank(values: Sequence[float], q: float) -> float:
+    """The q-th percentile by the nearest-rank rule: the smallest value with at least q% of the
+    values at or below it (p95 of 20 values: the 19th smallest)."""
+    if not values:
+        raise ValueError("no values to take a percentile of")
+    ordered = sorted(values)
+    return ordered[max(0, math.ceil(q / 100 * len(ordered)) - 1)]
 
 
 def error_key(record: RequestRecord) -> str:

@@ -32,14 +32,10 @@ from deployments.engines.base import EngineRequest, SamplingParams
 from deployments.engines.profiles import ZERO_LATENCY
 from deployments.engines.simulated import SimulatedEngine
 from deployments.tokenizer import PromptTokenizer
+from loadtest.metrics import nearest_rank
 
 MODEL = "zero"
 PROMPT = "The serving path should cost as little as possible compared with the engine itself."
-
-
-def percentile(values: list[float], q: float) -> float:
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, round(q / 100 * (len(ordered) - 1)))]
 
 
 async def measure(requests: int, max_tokens: int, port: int) -> dict[str, dict[str, float]]:
@@ -90,8 +86,8 @@ async def measure(requests: int, max_tokens: int, port: int) -> dict[str, dict[s
     await engine.shutdown()
     return {
         name: {
-            "p50_ms": round(percentile(values, 50), 3),
-            "p99_ms": round(percentile(values, 99), 3),
+            "p50_ms": round(nearest_rank(values, 50), 3),
+            "p99_ms": round(nearest_rank(values, 99), 3),
             "mean_ms": round(statistics.fmean(values), 3),
         }
         for name, values in samples.items()

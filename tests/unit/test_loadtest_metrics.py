@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import math
+
 import pytest
 
-from loadtest.metrics import distribution, latencies, summarize
+from loadtest.metrics import distribution, latencies, nearest_rank, summarize
 from loadtest.spec import RequestRecord
 
 
@@ -166,3 +168,15 @@ def test_distribution_percentiles_on_many_values() -> None:
     assert stats["p50"] == pytest.approx(50.5)
     assert stats["p90"] == pytest.approx(90.1)
     assert stats["p99"] == pytest.approx(99.01)
+
+
+def test_nearest_rank_is_a_measured_value_and_takes_infinity() -> None:
+    values = [float(v) for v in range(20, 0, -1)]  # 20 values, unsorted
+    assert nearest_rank(values, 95) == 19.0  # at least 95% (19 of 20) at or below it
+    assert nearest_rank(values, 50) == 10.0
+    assert nearest_rank(values, 99) == 20.0
+    assert nearest_rank(values, 0) == 1.0
+    assert nearest_rank([0.1, math.inf], 50) == 0.1
+    assert nearest_rank([0.1, math.inf], 95) == math.inf  # a failed request fails the window
+    with pytest.raises(ValueError, match="no values"):
+        nearest_rank([], 50)
