@@ -30,6 +30,15 @@ The rules, in order:
            replicas, then the delay starts again; never below what the arrival rate (finished
            per second + backlog growth) needs at the per-replica throughput measured in a
            steady state with every batch near T (`rate_at_target`)
+  rate     (with target_rate_per_replica) the fleet is sized on the arrival rate instead: what
+           the replicas accepted per second plus the growth of the handles' queue, averaged
+           over 3 s; desired = (rate + lead) / target rate, the lead being rate_lead_s of the
+           rate's 30 s trend, ignored under 10% of the rate (noise) and capped at 30% (a step is
+           no trend); down when the rate with its whole rise fits fewer replicas with the
+           hysteresis margin, so never while it climbs. The in-flight rules above still scale
+           up on a queue (batches above T). Why: the in-flight count grows without bound near
+           a replica's capacity (Little's law with a latency that grows with the batch), so it
+           cannot size a fleet run near capacity, which is where the cost is; the rate can.
   zero     (min_replicas 0) after `scale_to_zero_idle_s` with no load; 0 -> 1 on the first queued
            request at once. On Ray, Serve's cold-start path takes 0 -> 1 without calling the
            policy; the policy records that step when it next runs (it sees a target above the
@@ -43,7 +52,7 @@ import logging
 import math
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field, replace
-from typing import Any, Literal
+from typing import Any, Literal, NamedTuple
 
 from deployments.config import ModelAutoscalingConfig, ScalingConfig
 
@@ -71,6 +80,15 @@ QUEUE_FREE = 0.05
 # Time constant (s) of its smoothing: one replica's 3 s average of completions swings +-15%.
 LEARN_SMOOTHING_S = 10.0
 
+# The arrival rate (rate sizing) is averaged over ARRIVALS_SMOOTHING_S, short so that a step is
+# followed within seconds; its trend over TREND_SMOOTHING_S. A rise under LEAD_DEAD_ZONE of the
+# rate is noise and leads nothing; a lead is at most LEAD_CAP of the rate (a 4x step read as a
+# trend asked for twice the fleet the step needed).
+ARRIVALS_SMOOTHING_S = 3.0
+TREND_SMOOTHING_S = 30.0
+LEAD_DEAD_ZONE = 0.1
+LEAD_CAP = 0.3
+
 # Decisions kept in the policy state (and published for `status`): bounded, newest last.
 DECISION_HISTORY = 20
 
@@ -83,6 +101,7 @@ class ReplicaLoad:
     waiting: float
     kv_cache_usage: float = 0.0
     finished_per_s: float = 0.0  # requests completed per second, recently
+    arrived_per_s: float = 0.0  # requests accepted per second, recently
 
 
 @dataclass(frozen=True)
@@ -112,6 +131,10 @@ class ScalingMetrics:
     @property
     def finished_per_s(self) -> float:
         return sum(r.finished_per_s for r in self.replicas)
+
+    @property
+    def arrived_per_s(self) -> float:
+        return sum(r.arrived_per_s for r in self.replicas)
 
     @property
     def kv_cache_usage(self) -> float:
@@ -153,6 +176,11 @@ class PolicyState:
     # The same from any tick with every batch at T or more (low: batches filling), used until a
     # steady state measured rate_at_target.
     rate_provisional: float | None = None
+    # Requests arriving per second (accepted by the replicas + the handles' queue growth),
+    # averaged, and its trend (requests/s per second); None: not counted yet.
+    arrivals: float | None = None
+    arrivals_trend: float = 0.0
+    queued: float | None = None  # requests queued at the handles at the last tick
     history: tuple[Decision, ...] = field(default_factory=tuple)
 
     def to_dict(self) -> dict[str, Any]:
@@ -177,6 +205,9 @@ class PolicyState:
             settled_since_s=data.get("settled_since_s"),
             rate_at_target=data.get("rate_at_target"),
             rate_provisional=data.get("rate_provisional"),
+            arrivals=data.get("arrivals"),
+            arrivals_trend=data.get("arrivals_trend", 0.0),
+            queued=data.get("queued"),
             history=tuple(Decision(**d) for d in data.get("history", ())),
         )
 
@@ -194,6 +225,9 @@ def decide(
     sized, sizing, state, rate_floor = _sized_load(metrics, config, state, now)
     needed = math.ceil(sized / per_replica - 1e-9)
     reason = f"{sizing} at {per_replica:g} per replica needs {needed}"
+    by_rate = _rate_sized(config, state)
+    if by_rate is not None and by_rate.needed >= needed:
+        needed, reason = by_rate.needed, by_rate.reason
     kv_high_since = state.kv_high_since_s
     if isinstance(config, ModelAutoscalingConfig) and metrics.replicas:
         if metrics.kv_cache_usage > config.kv_usage_threshold:
@@ -224,7 +258,11 @@ def decide(
     floor = _floor(config, state, target, now)
     # Fewest replicas that hold the load with the hysteresis margin: below this, scale down.
     fits_with_margin = math.ceil(sized / (per_replica * (1 - config.downscale_hysteresis)) - 1e-9)
-    if rate_floor > fits_with_margin:
+    if by_rate is not None:
+        # The rate alone says when fewer replicas do: near capacity the in-flight count swings
+        # with the batch, and it would hold (or shed) what the rate does not need.
+        fits_with_margin = by_rate.fits_with_margin
+    elif rate_floor > fits_with_margin:
         # Little's law cuts both ways: at light load requests finish faster, so fewer are in
         # flight per request/s, and the in-flight count alone would shed replicas the arrival
         # rate still needs (a diurnal evening went 3 -> 1 and straight back up).
@@ -330,6 +368,7 @@ def _sized_load(
     throughput = metrics.throughput_per_replica
     growth, service_growth = state.growth, state.service_growth
     rate_at_target, provisional = state.rate_at_target, state.rate_provisional
+    arrivals, trend = state.arrivals, state.arrivals_trend
     # A replica that joins is flooded from the handles' queue at once, while the queue's
     # average lags by the look-back: for that tick the same requests count twice, and read as
     # growth (178/s on a 4x burst). The growth resumes from the new baseline the next tick.
@@ -343,6 +382,15 @@ def _sized_load(
             service_growth += weight * (
                 (in_service - (state.in_service or 0.0)) / elapsed - service_growth
             )
+        # The arrival rate: what the replicas accepted plus the growth of the handles' queue.
+        # Not while a joining replica's flood from the queue is in the averages (a look-back
+        # and a push): accepted at once, its queue's average drops over the look-back, and the
+        # two read as a surge (229/s on a 160/s burst).
+        if now - settled_since >= config.look_back_period_s + config.metrics_interval_s:
+            counted = metrics.arrived_per_s + (metrics.queued - (state.queued or 0.0)) / elapsed
+            before = counted if arrivals is None else arrivals
+            arrivals = before + min(1.0, elapsed / ARRIVALS_SMOOTHING_S) * (counted - before)
+            trend += min(1.0, elapsed / TREND_SMOOTHING_S) * ((arrivals - before) / elapsed - trend)
         # The rate at T, learned in a steady state only: every batch near T, next to no queue,
         # the same replicas for SETTLE_S and the batches neither filling nor emptying. While
         # batches fill, requests finish at the rate they arrived a latency ago, below the rate
@@ -381,6 +429,9 @@ def _sized_load(
         settled_since_s=settled_since,
         rate_at_target=rate_at_target,
         rate_provisional=provisional,
+        arrivals=arrivals,
+        arrivals_trend=trend,
+        queued=metrics.queued,
     )
     rate_at_target = rate_at_target or provisional  # from here on, the best estimate there is
     rate_floor = 0
@@ -406,6 +457,34 @@ def _sized_load(
         ),
         state,
         rate_floor,
+    )
+
+
+class RateSizing(NamedTuple):
+    needed: int  # replicas the arrival rate needs, ahead of its rise
+    fits_with_margin: int  # fewest replicas the rate with its whole rise fits, with the margin
+    reason: str
+
+
+def _rate_sized(config: ScalingConfig, state: PolicyState) -> RateSizing | None:
+    """Sizing on the arrival rate, when target_rate_per_replica is set and the rate counted."""
+    if not isinstance(config, ModelAutoscalingConfig) or state.arrivals is None:
+        return None
+    per_replica = config.target_rate_per_replica
+    if per_replica is None:
+        return None
+    rate = state.arrivals
+    rising = max(0.0, config.rate_lead_s * state.arrivals_trend)
+    lead = min(max(0.0, rising - LEAD_DEAD_ZONE * rate), LEAD_CAP * rate)
+    needed = math.ceil((rate + lead) / per_replica - 1e-9)
+    margin = per_replica * (1 - config.downscale_hysteresis)
+    return RateSizing(
+        needed=needed,
+        fits_with_margin=math.ceil((rate + rising) / margin - 1e-9),
+        reason=(
+            f"arrival rate {rate:.3g}/s (+{lead:.3g} ahead of its rise) at "
+            f"{per_replica:g}/s per replica needs {needed}"
+        ),
     )
 
 
@@ -462,7 +541,7 @@ def _delay(config: ScalingConfig, target: int) -> float:
 # ---- the Ray Serve adapter ----------------------------------------------------------------------
 
 KV_NAMESPACE = "inference_cluster"
-METRIC_KEYS = ("running", "waiting", "kv_cache_usage", "finished_per_s")
+METRIC_KEYS = ("running", "waiting", "kv_cache_usage", "finished_per_s", "arrived_per_s")
 
 
 def decisions_key(deployment: str) -> str:
@@ -525,6 +604,7 @@ class ServeAutoscalingPolicy:
                 waiting=aggregated.get("waiting", {}).get(replica, 0.0),
                 kv_cache_usage=aggregated.get("kv_cache_usage", {}).get(replica, 0.0),
                 finished_per_s=aggregated.get("finished_per_s", {}).get(replica, 0.0),
+                arrived_per_s=aggregated.get("arrived_per_s", {}).get(replica, 0.0),
             )
             for replica in ctx.running_replicas
             if any(replica in aggregated.get(key, {}) for key in METRIC_KEYS)

@@ -208,6 +208,19 @@ class ModelAutoscalingConfig(ScalingConfig):
         "horizon at the replicas' measured completion rate, not served all at once (a shorter "
         "horizon drains a burst's queue sooner with more replicas that then idle).",
     )
+    target_rate_per_replica: PositiveFloat | None = Field(
+        None,
+        description="Requests per second one replica should serve: its capacity within the SLO "
+        "(measured with loadtest) times the utilization wanted. When set, the fleet is sized on "
+        "the arrival rate the replicas count (ahead of a rising rate by rate_lead_s), and "
+        "target_per_replica only marks the batch above which requests count as queued. Unset: "
+        "sized on requests in flight at target_per_replica.",
+    )
+    rate_lead_s: NonNegativeFloat = Field(
+        30.0,
+        description="With target_rate_per_replica: a rising arrival rate is sized this far ahead, "
+        "about a replica's start time (its trend over 30 s, at most 30% above the rate).",
+    )
     scale_to_zero_idle_s: NonNegativeFloat = Field(
         300.0,
         description="With min_replicas 0: seconds without any request before the last replica "

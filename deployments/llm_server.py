@@ -111,10 +111,12 @@ class LLMServer:
         )
         self._kv_drain_task = asyncio.create_task(self._drain_kv_events())
         self._predictions = _PredictionMetrics(model.name)
-        # Requests finished, and (time, count) at the last autoscaling report: the rate between
-        # two reports is the replica's throughput the autoscaler drains backlogs with.
+        # Requests finished and accepted, and (time, finished, accepted) at the last autoscaling
+        # report: between two reports, the replica's throughput (the autoscaler drains backlogs
+        # with it) and its share of the arrival rate (the rate sizing's signal).
         self._finished = 0
-        self._finished_reported = (time.monotonic(), 0)
+        self._arrived = 0
+        self._counts_reported = (time.monotonic(), 0, 0)
         logger.info("engine %s ready for model %s", model.engine, model.name)
 
     async def _drain_kv_events(self) -> None:
@@ -131,6 +133,7 @@ class LLMServer:
 
         `routing` is what our request router believed about this replica's cache (it adds it
         to the call); the engine's answer is compared with it when the first output arrives."""
+        self._arrived += 1
         queue: asyncio.Queue[Any] = asyncio.Queue()
         stream = self._telemetry.generate(request, self._engine.generate(request))
         predicted = None if routing is None else routing.predicted_tokens(self._replica_id)
@@ -210,14 +213,16 @@ class LLMServer:
 
     def record_autoscaling_stats(self) -> dict[str, float]:
         stats = self._engine.stats()
-        now, finished = time.monotonic(), self._finished
-        since, before = self._finished_reported
-        self._finished_reported = (now, finished)
+        now, finished, arrived = time.monotonic(), self._finished, self._arrived
+        since, finished_before, arrived_before = self._counts_reported
+        self._counts_reported = (now, finished, arrived)
+        elapsed = now - since
         return {
             "waiting": float(stats.num_waiting),
             "running": float(stats.num_running),
             "kv_cache_usage": stats.kv_cache_usage,
-            "finished_per_s": (finished - before) / (now - since) if now > since else 0.0,
+            "finished_per_s": (finished - finished_before) / elapsed if elapsed > 0 else 0.0,
+            "arrived_per_s": (arrived - arrived_before) / elapsed if elapsed > 0 else 0.0,
         }
 
     async def __del__(self) -> None:

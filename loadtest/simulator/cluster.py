@@ -187,6 +187,8 @@ _DUE, _ROUTE, _STEP_END, _STATS, _SCALE, _READY = range(6)
 
 class _Replica:
     __slots__ = (
+        "arrived",
+        "arrived_reported",
         "busy_s",
         "core",
         "finished",
@@ -211,9 +213,12 @@ class _Replica:
         self.in_flight_s = 0.0
         self.in_flight_since = 0.0
         self.busy_s = 0.0
-        # Requests it completed, and that count at the last autoscaling tick (for the rate).
+        # Requests it completed and accepted, and those counts at the last autoscaling tick (for
+        # the rates).
         self.finished = 0
         self.finished_reported = 0
+        self.arrived = 0
+        self.arrived_reported = 0
         self.stepping = False  # a step is under way; its outputs are in `outputs`
         self.outputs: list[SampledToken] = []
 
@@ -496,6 +501,7 @@ class _Run:
         flight.record.replica = replica.replica_id
         self._flights[request.request_id] = flight
         replica.add_in_flight(t, 1)
+        replica.arrived += 1
         believed = self._policy.cached_blocks(request)
         if believed is not None:
             flight.predicted = believed.get(replica.replica_id, 0) * self._block_size
@@ -704,14 +710,17 @@ class _Run:
 
 
 def _autoscaling_stats(replica: _Replica, elapsed_s: float) -> dict[str, float]:
-    """The same keys as LLMServer.record_autoscaling_stats; the completion rate is over the time
-    since the previous tick, as the real replica's is since its previous report."""
+    """The same keys as LLMServer.record_autoscaling_stats; the completion and arrival rates are
+    over the time since the previous tick, as the real replica's are since its previous report."""
     stats = replica.core.stats()
     finished = replica.finished - replica.finished_reported
     replica.finished_reported = replica.finished
+    arrived = replica.arrived - replica.arrived_reported
+    replica.arrived_reported = replica.arrived
     return {
         "waiting": float(stats.num_waiting),
         "running": float(stats.num_running),
         "kv_cache_usage": stats.kv_cache_usage,
         "finished_per_s": finished / elapsed_s if elapsed_s > 0 else 0.0,
+        "arrived_per_s": arrived / elapsed_s if elapsed_s > 0 else 0.0,
     }

@@ -23,7 +23,7 @@ from tests.integration.conftest import served, simulated_model
 
 pytestmark = pytest.mark.integration
 
-BUSY, COLD = "busy", "cold"
+BUSY, COLD, RATE = "busy", "cold", "rate"
 FAST_METRICS = {"metrics_interval_s": 0.5, "look_back_period_s": 1.5}
 MAX_TOKENS = 150  # ~1 s of decoding per request at the profile's ~5-6 ms steps
 # After the step down: requests long enough (~4 s) that replicas being removed are mid-request.
@@ -63,7 +63,23 @@ def app(embedded_model: Path) -> Iterator[str]:
             **FAST_METRICS,
         },
     )
-    with served(AppConfig(router=RouterConfig(cpus=0.1), models=[busy, cold])) as url:
+    rate = simulated_model(
+        embedded_model,
+        name=RATE,
+        num_replicas=1,
+        autoscaling={
+            "enabled": True,
+            "min_replicas": 1,
+            "max_replicas": 3,
+            # ~1 s per request: 6 closed-loop users send ~6/s, 3 replicas at 2/s each.
+            "target_rate_per_replica": 2.0,
+            "target_per_replica": 100,
+            "downscale_delay_s": 3,
+            **FAST_METRICS,
+        },
+    )
+    models = [busy, cold, rate]
+    with served(AppConfig(router=RouterConfig(cpus=0.1), models=models)) as url:
         yield url
 
 
@@ -172,3 +188,24 @@ async def test_a_model_at_zero_serves_its_first_request_after_the_cold_start(app
     assert "idle" in decisions[zero]["reason"], decisions
     assert woken and woken[0]["reason"].startswith("cold start"), decisions
     print(f"\nfirst request of a model at zero: {cold_start_s:.1f} s (cold start included)")
+
+
+async def test_rate_sizing_counts_arrivals_through_serve(app: str) -> None:
+    """The replicas' arrival counts reach the policy through Serve's metrics: 6 users size the
+    fleet on the arrival rate (far below T = 100 in flight), and it shrinks once they stop."""
+    load = Load(app, RATE, users=6)
+    stop = asyncio.Event()
+    users = [asyncio.create_task(load.user(i, stop)) for i in range(6)]
+    try:
+        up = await watch(RATE, 120, until=3)
+    finally:
+        stop.set()
+        await asyncio.gather(*users)
+    down = await watch(RATE, 60, until=1)
+    decisions = await asyncio.to_thread(runtime.autoscaling_decisions, deployment_name(RATE))
+    for d in decisions:
+        print(f"{d['previous']} -> {d['target']}: {d['reason']}")
+    sized = [d for d in decisions if d["direction"] == "up" and "arrival rate" in d["reason"]]
+    assert sized and max(d["target"] for d in sized) >= 2, decisions
+    assert up[-1] >= 2 and down[-1] == 1
+    assert load.failures == [] and load.completed > 20

@@ -6,6 +6,7 @@ import itertools
 import json
 import math
 import random
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -58,16 +59,18 @@ def metrics(
 
 @dataclass
 class Run:
-    """Feeds the policy one tick per second of fake time; the target follows each decision."""
+    """Feeds the policy one tick per second of fake time; the target follows each decision.
+    `measure(target, ...)` makes the tick's metrics (default: `metrics`)."""
 
     config: ScalingConfig = field(default_factory=lambda: CONFIG)
     target: int = 1
     now: float = 0.0
     state: PolicyState = field(default_factory=PolicyState)
+    measure: Callable[..., ScalingMetrics] = metrics
 
-    def tick(self, load: float, **kwargs: Any) -> int:
+    def tick(self, *args: Any, **kwargs: Any) -> int:
         decision, self.state = decide(
-            metrics(self.target, load, **kwargs), self.config, self.state, self.now
+            self.measure(self.target, *args, **kwargs), self.config, self.state, self.now
         )
         self.target = decision.target
         self.now += 1.0
@@ -338,6 +341,105 @@ def test_without_min_zero_a_model_never_reaches_zero() -> None:
     assert [run.tick(load=0) for _ in range(1000)][-1] == 1
 
 
+RATE_CONFIG = CONFIG.model_copy(
+    update={"target_rate_per_replica": 10.0, "target_per_replica": 100, "max_replicas": 20}
+)
+
+
+def rate_metrics(target: int, arriving: float, queued: float = 0.0) -> ScalingMetrics:
+    """`target` replicas, all up, sharing `arriving` requests per second (accepted and finished
+    alike), 5 in each batch (far below T = 100: the in-flight rules ask for nothing)."""
+    share = arriving / target
+    replica = ReplicaLoad(5.0, 0.0, 0.0, finished_per_s=share, arrived_per_s=share)
+    return ScalingMetrics(target, target, [replica] * target, queued=queued)
+
+
+def rate_run(target: int = 3) -> Run:
+    """A Run of RATE_CONFIG; every replica asked for is up at once."""
+    return Run(RATE_CONFIG, target=target, measure=rate_metrics)
+
+
+def test_rate_sizing_follows_a_step_of_the_counted_arrival_rate_within_seconds() -> None:
+    run = rate_run()
+    for _ in range(10):
+        assert run.tick(30.0) == 3  # 30/s at 10/s per replica
+    targets = [run.tick(90.0) for _ in range(40)]
+    # A 3x step: up at the first tick, and the 9 replicas it needs within 6 s (the rate is
+    # averaged over 3 s and not updated for 4 s after replicas join); on top, the lead of the
+    # trend, which lasts while the trend decays (30 s) but never above 30% of the rate.
+    assert targets[0] > 3 and targets[5] >= 9
+    assert max(targets) == math.ceil(90 * 1.3 / 10)
+    assert "arrival rate" in run.state.history[-1].reason
+
+
+def test_rate_sizing_leads_a_rising_rate() -> None:
+    run = rate_run()
+    for _ in range(10):
+        run.tick(30.0)
+    targets = []
+    for second in range(60):  # +1 req/s every second: 30 s ahead is 30 req/s more
+        rate = 30.0 + second
+        targets.append(run.tick(rate))
+        assert run.target >= math.ceil(rate / 10)  # never behind the rate itself
+    assert targets == sorted(targets)
+    assert targets[-1] > math.ceil(89 / 10)  # ahead of the rise
+
+
+@pytest.mark.parametrize(("trend", "expected"), [(1.0, 8), (0.0, 7)])
+def test_rate_sizing_never_scales_down_while_the_rate_climbs(trend: float, expected: int) -> None:
+    """Regression (bench_autoscaling, bursty): low for the delay since the last burst, the fleet
+    shed replicas while the next burst's rate was climbing through what it fits. 60/s rising by
+    1/s per second fits 8 replicas at 10 x 0.9 only without its rise (60 / 9 -> 7)."""
+    config = RATE_CONFIG.model_copy(update={"downscale_hysteresis": 0.1})
+    low_for_long = PolicyState(low_since_s=0.0, arrivals=60.0, arrivals_trend=trend)
+    decision, _ = decide(rate_metrics(8, 60.0), config, low_for_long, 100.0)
+    assert decision.target == expected, decision.reason
+
+
+def test_rate_sizing_scales_down_after_the_delay_to_what_the_rate_fits_with_the_margin() -> None:
+    run = rate_run(target=8)
+    targets = [run.tick(40.0) for _ in range(120)]
+    # 40/s fits 5 replicas at 10 x (1 - 0.2): 8 -> 6 after the 30 s delay, 6 -> 5 after another.
+    assert targets[25] == 8 and targets[40] == 6 and targets[-1] == 5
+    assert [b for a, b in itertools.pairwise(targets) if a != b] == [6, 5]
+
+
+def test_rate_sizing_does_not_flap_on_a_noisy_rate() -> None:
+    rng = random.Random(3)
+    run = rate_run(target=6)
+    targets = [run.tick(rng.gauss(55.0, 5.0)) for _ in range(600)]
+    changes = [(a, b) for a, b in itertools.pairwise(targets) if a != b]
+    assert all(b > a for a, b in changes), changes
+    assert len(changes) <= 1
+
+
+def test_the_arrival_rate_counts_the_handles_queue_and_skips_a_join() -> None:
+    """The replicas accept 30/s and the handles' queue grows by 10/s: 40/s arrive. A replica
+    joining takes a flood from the queue at once while the queue's average lags by the look-back:
+    for a look-back and a push (4 s), the rate is not updated."""
+    config = RATE_CONFIG.model_copy(update={"max_replicas": 3})  # the queue is not served
+    state = PolicyState()
+    for t in range(40):
+        _, state = decide(rate_metrics(3, 30.0, queued=10.0 * t), config, state, float(t))
+    assert state.arrivals == pytest.approx(40.0)
+    before = state.arrivals
+    for t in range(40, 44):  # a fourth replica joins; the averages are still settling
+        _, state = decide(rate_metrics(4, 200.0, queued=0.0), config, state, float(t))
+        assert state.arrivals == before
+    _, state = decide(rate_metrics(4, 40.0, queued=0.0), config, state, 44.0)
+    assert state.arrivals == pytest.approx(40.0)
+
+
+def test_rate_sizing_keeps_the_queue_rules_for_a_backlog() -> None:
+    """The rate says 3 (30/s arrive, the queue neither grows nor shrinks), but 3,000 requests
+    wait at the handles: the backlog's drain over the horizon asks for more."""
+    state = PolicyState()
+    for t in range(10):
+        decision, state = decide(rate_metrics(3, 30.0, queued=3000.0), RATE_CONFIG, state, t)
+    assert state.arrivals == pytest.approx(30.0)
+    assert decision.target > 3 and "3000 waiting" in decision.reason
+
+
 def test_state_round_trips_through_a_dict() -> None:
     run = Run(target=2)
     run.tick(load=80)
@@ -345,7 +447,13 @@ def test_state_round_trips_through_a_dict() -> None:
     state = PolicyState()
     for t in range(20):  # batches at T, steady: every learned field set
         _, state = decide(engine_metrics(3, 3, 30, 0, 2.0), CONFIG, state, float(t))
-    assert None not in (state.rate_at_target, state.rate_provisional, state.settled_since_s)
+    assert None not in (
+        state.rate_at_target,
+        state.rate_provisional,
+        state.settled_since_s,
+        state.arrivals,
+        state.queued,
+    )
     assert PolicyState.from_dict(json.loads(json.dumps(state.to_dict()))) == state
     assert PolicyState.from_dict(None) == PolicyState()
 

@@ -345,11 +345,18 @@ def test_autoscaling_hook_resizes_the_fleet_and_hooks_follow() -> None:
         "running",
         "kv_cache_usage",
         "finished_per_s",
+        "arrived_per_s",
     }
-    # Completions per second since the previous tick (1 s): until the scale-down at 2 s, every
-    # completion is on a reported replica, so the rates add up to the requests finished by then.
-    reported = sum(m["finished_per_s"] for tick in seen[:2] for m in tick.replica_metrics.values())
-    assert reported == sum(r.end_s <= 2.0 for r in result.records) > 0
+    # Completions and arrivals per second since the previous tick (1 s): until the scale-down at
+    # 2 s, every request is on a reported replica, so the rates add up to the requests finished
+    # by then and sent before (the one sent at 2.0 is routed after that tick).
+    two_ticks = [m for tick in seen[:2] for m in tick.replica_metrics.values()]
+    assert sum(m["finished_per_s"] for m in two_ticks) == sum(
+        r.end_s <= 2.0 for r in result.records
+    )
+    assert sum(m["arrived_per_s"] for m in two_ticks) == sum(
+        r.start_s < 2.0 for r in result.records
+    )
 
 
 def test_kv_events_reach_the_policy_each_stats_period() -> None:
