@@ -417,10 +417,15 @@ def summarize(
         if k == "ours"
     ]
     rows += [
-        outcome(f"ours, rate sizing ({p:.3g} req/s)", r, duration, delay, oracle_s)
+        outcome(
+            f"ours, rate sizing ({p:.3g} req/s)",
+            r,
+            duration,
+            RATE_CONFIG.downscale_delay_s,
+            oracle_s,
+        )
         for k, p, r in results
         if k == "ours-rate"
-        for delay in [RATE_CONFIG.downscale_delay_s]
     ]
     return rows
 
