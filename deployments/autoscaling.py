@@ -51,7 +51,7 @@ import json
 import logging
 import math
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, field, fields, replace
 from typing import Any, Literal, NamedTuple
 
 from deployments.config import ModelAutoscalingConfig, ScalingConfig
@@ -190,24 +190,10 @@ class PolicyState:
     def from_dict(cls, data: Mapping[str, Any] | None) -> PolicyState:
         if not data:
             return cls()
+        # Fields missing from an older policy's state take their defaults; unknown ones go.
+        scalars = {f.name for f in fields(cls)} - {"history"}
         return cls(
-            low_since_s=data.get("low_since_s"),
-            kv_high_since_s=data.get("kv_high_since_s"),
-            idle_since_s=data.get("idle_since_s"),
-            starting_since_s=data.get("starting_since_s"),
-            last_target=data.get("last_target"),
-            backlog=data.get("backlog"),
-            backlog_s=data.get("backlog_s"),
-            growth=data.get("growth", 0.0),
-            in_service=data.get("in_service"),
-            service_growth=data.get("service_growth", 0.0),
-            reporting=data.get("reporting", 0),
-            settled_since_s=data.get("settled_since_s"),
-            rate_at_target=data.get("rate_at_target"),
-            rate_provisional=data.get("rate_provisional"),
-            arrivals=data.get("arrivals"),
-            arrivals_trend=data.get("arrivals_trend", 0.0),
-            queued=data.get("queued"),
+            **{name: value for name, value in data.items() if name in scalars},
             history=tuple(Decision(**d) for d in data.get("history", ())),
         )
 
@@ -350,8 +336,8 @@ def _sized_load(
 ) -> tuple[float, str, PolicyState, int]:
     """The load the fleet is sized for, in requests in service at T per replica; how it was
     counted; the state with this tick's backlog, growth and throughput; and the fewest replicas
-    whose throughput at T (as measured, with the hysteresis margin) covers the arrival rate
-    (0 while unknown).
+    whose throughput at T (as measured, without a margin) covers the arrival rate
+    (0 while unknown, and with rate sizing, which has its own scale-down test).
 
     Little's law on the backlog: a replica finishes `throughput` requests per second, so a queue
     growing by g per second needs g / throughput more replicas to stop growing, and draining
@@ -440,10 +426,11 @@ def _sized_load(
         # per second than at T, where the replicas being added will run: sized at the saturated
         # rate, a 4x burst asked for 20 replicas where 8 did.
         throughput = max(throughput, rate_at_target)
-        # No hysteresis margin here: the rate was measured at T, below what a replica can
-        # finish at most (with 0.2, a diurnal peak kept 11 replicas where 8 did).
-        arrivals = metrics.finished_per_s + max(0.0, growth)
-        rate_floor = math.ceil(arrivals / rate_at_target - 1e-9)
+        if config.target_rate_per_replica is None:  # rate sizing has its own scale-down test
+            # No hysteresis margin here: the rate was measured at T, below what a replica can
+            # finish at most (with 0.2, a diurnal peak kept 11 replicas where 8 did).
+            finished_and_growth = metrics.finished_per_s + max(0.0, growth)
+            rate_floor = math.ceil(finished_and_growth / rate_at_target - 1e-9)
     if throughput <= 0 or backlog <= 0:
         return load, f"load {load:g}", state, rate_floor
     replicas = max(0.0, growth) / throughput + backlog / (config.drain_horizon_s * throughput)

@@ -456,6 +456,8 @@ def test_state_round_trips_through_a_dict() -> None:
     )
     assert PolicyState.from_dict(json.loads(json.dumps(state.to_dict()))) == state
     assert PolicyState.from_dict(None) == PolicyState()
+    # A state saved by another version of the policy: missing fields default, unknown ones go.
+    assert PolicyState.from_dict({"last_target": 3, "retired": 1.0}) == PolicyState(last_target=3)
 
 
 def test_history_is_bounded() -> None:
