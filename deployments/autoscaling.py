@@ -281,7 +281,8 @@ def decide(
             new = max(fits_with_margin, floor, target - config.downscale_max_step)
             direction = "down"
             reason = (
-                f"{reason} with a {config.downscale_hysteresis:g} margin, low for {waited:.0f} s"
+                f"{reason}; {fits_with_margin} with a {config.downscale_hysteresis:g} margin, "
+                f"low for {waited:.0f} s"
             )
             if new == 0 and idle_since is not None:
                 reason = f"idle for {now - idle_since:.0f} s: scale to zero"
