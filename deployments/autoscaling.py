@@ -587,13 +587,7 @@ class ServeAutoscalingPolicy:
             )
         aggregated = ctx.aggregated_metrics or {}
         replicas = [
-            ReplicaLoad(
-                running=aggregated.get("running", {}).get(replica, 0.0),
-                waiting=aggregated.get("waiting", {}).get(replica, 0.0),
-                kv_cache_usage=aggregated.get("kv_cache_usage", {}).get(replica, 0.0),
-                finished_per_s=aggregated.get("finished_per_s", {}).get(replica, 0.0),
-                arrived_per_s=aggregated.get("arrived_per_s", {}).get(replica, 0.0),
-            )
+            ReplicaLoad(**{key: aggregated.get(key, {}).get(replica, 0.0) for key in METRIC_KEYS})
             for replica in ctx.running_replicas
             if any(replica in aggregated.get(key, {}) for key in METRIC_KEYS)
         ]
