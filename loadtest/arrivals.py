@@ -193,17 +193,18 @@ def schedule(
 # ---- traces for the autoscaling benchmark (loadtest/bench_autoscaling.py) ----------------------
 
 
-def bursty_trace(
+def bursty_rate(
     duration_s: float,
     base_rate: float,
     burst_rate: float,
     burst_s: float,
     mean_gap_s: float,
     rng: random.Random,
-) -> list[float]:
-    """Poisson arrivals at `base_rate`, with bursts at `burst_rate` lasting `burst_s` whose
-    starts are themselves Poisson (on average one per `mean_gap_s`): the load steps up by
-    burst_rate / base_rate at moments nobody announced, as a batch job or a launch does."""
+) -> Callable[[float], float]:
+    """A rate (req/s at a time) of `base_rate`, with bursts at `burst_rate` lasting `burst_s`
+    whose starts are themselves Poisson (on average one per `mean_gap_s`): the load steps up by
+    burst_rate / base_rate at moments nobody announced, as a batch job or a launch does. The
+    bursts are drawn from `rng`; `inhomogeneous_poisson` turns the rate into arrivals."""
     bursts: list[float] = []
     t = rng.expovariate(1 / mean_gap_s)
     while t < duration_s:
@@ -214,20 +215,18 @@ def bursty_trace(
         in_burst = any(start <= at < start + burst_s for start in bursts)
         return burst_rate if in_burst else base_rate
 
-    return inhomogeneous_poisson(rate, max(base_rate, burst_rate), duration_s, rng)
+    return rate
 
 
-def diurnal_trace(
-    duration_s: float, low_rate: float, peak_rate: float, period_s: float, rng: random.Random
-) -> list[float]:
-    """Poisson arrivals whose rate follows a day compressed into `period_s`: a raised cosine from
-    `low_rate` at the start (night) to `peak_rate` at mid-period (afternoon) and back."""
+def diurnal_rate(low_rate: float, peak_rate: float, period_s: float) -> Callable[[float], float]:
+    """A rate that follows a day compressed into `period_s`: a raised cosine from `low_rate` at
+    the start (night) to `peak_rate` at mid-period (afternoon) and back."""
 
     def rate(at: float) -> float:
         phase = (1 - math.cos(2 * math.pi * at / period_s)) / 2
         return low_rate + (peak_rate - low_rate) * phase
 
-    return inhomogeneous_poisson(rate, max(low_rate, peak_rate), duration_s, rng)
+    return rate
 
 
 def inhomogeneous_poisson(

@@ -24,6 +24,13 @@ Policies:
                 (SLO attainment first, then fewer replica-seconds)
   fixed-peak    a fixed fleet of the busiest window's oracle size (or one more if that misses a
                 window of the whole trace)
+  instant       not a policy but a reference: each tick it reads the trace's true rate and
+                sizes for it at once, at a share of the calibrated capacity
+                (INSTANT_UTILIZATIONS), up and down: no measurement error, no delay, no
+                forecast, only the replica start. What sizing for the rate the moment it
+                changes attains at that margin; a policy does better only by holding capacity
+                before a rise (a forecast, the fleet for the peak) or by sizing for the queue
+                the start leaves (ours drains it)
 
 Figures (over the trace's duration):
   SLO attainment   share of 10 s windows (by request arrival; windows without requests are not
@@ -71,7 +78,7 @@ from deployments.autoscaling import (
 from deployments.config import ModelAutoscalingConfig
 from deployments.engines.profiles import LLAMA_8B_H100
 from deployments.routing.policy import create_policy
-from loadtest.arrivals import bursty_trace, diurnal_trace, inhomogeneous_poisson
+from loadtest.arrivals import bursty_rate, diurnal_rate, inhomogeneous_poisson
 from loadtest.metrics import latencies, nearest_rank
 from loadtest.simulator.cluster import AutoscalingMetrics, FleetSpec, SimulationResult, simulate
 from loadtest.simulator.ray_autoscaler import MetricWindow, RayAutoscalingConfig, RayDefaultPolicy
@@ -111,15 +118,25 @@ RATE_UTILIZATION = 0.93
 RATE_CONFIG = OUR_CONFIG.model_copy(
     update={"target_per_replica": 200.0, "downscale_hysteresis": 0.05}
 )
+# Shares of capacity the instant-reaction bound sizes at: none, a third and a whole fleet more
+# than the rate needs.
+INSTANT_UTILIZATIONS = (1.0, 0.75, 0.5)
 
-# name -> (arrival times of the trace, its duration)
-TRACES: dict[str, tuple[Callable[[random.Random], list[float]], float]] = {
+
+@dataclass(frozen=True)
+class Trace:
+    rate: Callable[[random.Random], Callable[[float], float]]  # its rate, drawn from a seed
+    peak_rate: float
+    duration_s: float
+
+
+TRACES: dict[str, Trace] = {
     # 40 req/s (about 3 replicas) with unannounced 4x bursts (160 req/s, about 9 replicas) of
     # two minutes, starting on average 240 s after the previous one ends: a launch, a batch job.
-    "bursty": (lambda rng: bursty_trace(600, 40, 160, 120, 240, rng), 600.0),
+    "bursty": Trace(lambda rng: bursty_rate(600, 40, 160, 120, 240, rng), 160, 600.0),
     # A day in 10 minutes: a raised cosine from 20 req/s at night (2 replicas) to 160 req/s in
     # the afternoon (about 9 replicas) and back.
-    "diurnal": (lambda rng: diurnal_trace(600, 20, 160, 600, rng), 600.0),
+    "diurnal": Trace(lambda _: diurnal_rate(20, 160, 600), 160, 600.0),
 }
 
 
@@ -148,9 +165,17 @@ def sessions(count: int, seed: int) -> list[Session]:
     return out
 
 
+def trace_rate(trace: str, seed: int) -> Callable[[float], float]:
+    """The trace's arrival rate at each moment, as the seed draws it (its bursts)."""
+    return TRACES[trace].rate(random.Random(f"{trace}-{seed}"))
+
+
 def trace_times(trace: str, seed: int) -> list[float]:
-    arrivals, _ = TRACES[trace]
-    return arrivals(random.Random(f"{trace}-{seed}"))
+    """Poisson arrivals at the trace's rate: the rate's draws, then the arrivals', from one
+    generator per seed."""
+    spec = TRACES[trace]
+    rng = random.Random(f"{trace}-{seed}")
+    return inhomogeneous_poisson(spec.rate(rng), spec.peak_rate, spec.duration_s, rng)
 
 
 def window_p95(records: Sequence[RequestRecord], duration_s: float) -> list[float | None]:
@@ -229,13 +254,25 @@ def ray(config: RayAutoscalingConfig) -> Callable[..., tuple[int, Any]]:
     return hook
 
 
+def instant(rate: Callable[[float], float], per_replica: float) -> Callable[..., tuple[int, Any]]:
+    """The instant-reaction bound as a simulator hook: the fleet the true rate needs now at
+    `per_replica` req/s, at every tick."""
+
+    def hook(metrics: AutoscalingMetrics, state: Any, now: float) -> tuple[int, Any]:
+        return min(MAX_REPLICAS, max(1, math.ceil(rate(now) / per_replica - 1e-9))), None
+
+    return hook
+
+
 def run(
     trace: str, seed: int, policy: str, param: float, initial: int
 ) -> tuple[str, float, SimulationResult]:
-    """One simulation of the whole trace: `policy` is fixed (param = replicas), ours, ours-rate
-    or ray (param = the per-replica target, starting from `initial` replicas)."""
+    """One simulation of the whole trace: `policy` is fixed (param = replicas), ours, ours-rate,
+    ray or instant (param = the per-replica target, starting from `initial` replicas)."""
     times = trace_times(trace, seed)
     hook = None
+    if policy == "instant":
+        hook = instant(trace_rate(trace, seed), param)
     if policy == "ours":
         hook = ours(OUR_CONFIG.model_copy(update={"target_per_replica": param}))
     elif policy == "ours-rate":
@@ -349,13 +386,14 @@ def outcome(
 
 
 Job = tuple[str, int, str, float, int]  # the arguments of `run`
+POLICIES = ("fixed", "ray", "ours", "ours-rate", "instant")
 
 
 def plan(
     trace: str, seed: int, policies: Sequence[str], capacity: float
 ) -> tuple[list[int], list[Job]]:
     """The trace's oracle per window, and the simulations its rows need."""
-    _, duration = TRACES[trace]
+    duration = TRACES[trace].duration_s
     oracle = window_oracle(trace_times(trace, seed), duration, capacity)
     # Every autoscaler starts with the fleet the first window needs (the service was up before
     # the trace began) and pays the same REPLICA_START_S for every replica it adds.
@@ -367,6 +405,8 @@ def plan(
         jobs.append((trace, seed, "ours", OUR_TARGET, initial))
     if "ours-rate" in policies:
         jobs.append((trace, seed, "ours-rate", RATE_UTILIZATION * capacity, initial))
+    if "instant" in policies:
+        jobs += [(trace, seed, "instant", u * capacity, initial) for u in INSTANT_UTILIZATIONS]
     if "fixed" in policies:
         # A fleet sized for the peak: the busiest window's oracle, and one more in case a
         # window needs it with the whole trace's history.
@@ -381,7 +421,7 @@ def summarize(
     oracle: list[int],
     results: Sequence[tuple[str, float, SimulationResult]],
 ) -> list[Outcome]:
-    _, duration = TRACES[trace]
+    duration = TRACES[trace].duration_s
     oracle_s = sum(oracle) * WINDOW_S
     times = trace_times(trace, seed)
     rates = window_rates(times, duration)
@@ -431,6 +471,11 @@ def summarize(
         for k, p, r in results
         if k == "ours-rate"
     ]
+    rows += [
+        outcome(f"instant reaction at {p / capacity:.0%} of capacity", r, duration, 0.0, oracle_s)
+        for k, p, r in results
+        if k == "instant"
+    ]
     return rows
 
 
@@ -460,7 +505,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--workers", type=int, default=2, help="Simulations run in parallel.")
     parser.add_argument(
         "--policy",
-        choices=("fixed", "ray", "ours", "ours-rate"),
+        choices=POLICIES,
         action="append",
         help="Policies to run (default: all; the oracle always runs).",
     )
@@ -473,7 +518,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     args = parser.parse_args(argv)
     started = time.perf_counter()
-    policies = args.policy or ("fixed", "ray", "ours", "ours-rate")
+    policies = args.policy or POLICIES
     traces = args.trace or sorted(TRACES)
     with ProcessPoolExecutor(args.workers) as pool:
         capacity = args.replica_capacity or replica_capacity(args.seed, pool)

@@ -6,12 +6,16 @@ import random
 
 import pytest
 
-from loadtest.arrivals import bursty_trace, diurnal_trace
+from loadtest.arrivals import bursty_rate, diurnal_rate, inhomogeneous_poisson
 from loadtest.bench_autoscaling import (
+    MAX_REPLICAS,
+    instant,
     oracle_with_start,
     oscillations,
     replica_seconds,
     sized_with_margin,
+    trace_rate,
+    trace_times,
     window_oracle,
     window_p95,
 )
@@ -24,7 +28,7 @@ def rate_in(times: list[float], start: float, end: float) -> float:
 
 
 def test_diurnal_trace_follows_the_day() -> None:
-    times = diurnal_trace(3600, 2, 40, 3600, random.Random(1))
+    times = inhomogeneous_poisson(diurnal_rate(2, 40, 3600), 40, 3600, random.Random(1))
     assert times == sorted(times)
     assert rate_in(times, 0, 300) == pytest.approx(2.9, rel=0.2)  # night: near the low rate
     assert rate_in(times, 1650, 1950) == pytest.approx(39.7, rel=0.1)  # mid-period: the peak
@@ -32,13 +36,31 @@ def test_diurnal_trace_follows_the_day() -> None:
 
 
 def test_bursty_trace_has_bursts_at_the_burst_rate() -> None:
-    times = bursty_trace(3600, 5, 50, 60, 300, random.Random(2))
+    rng = random.Random(2)
+    times = inhomogeneous_poisson(bursty_rate(3600, 5, 50, 60, 300, rng), 50, 3600, rng)
     per_10s = [rate_in(times, s, s + 10) for s in range(0, 3600, 10)]
     high = [r for r in per_10s if r > 25]
     assert 30 <= len(high) <= 120  # ~8 bursts of 6 windows
     assert sum(high) / len(high) == pytest.approx(50, rel=0.1)
     low = [r for r in per_10s if r <= 25]
     assert sum(low) / len(low) == pytest.approx(5, rel=0.2)
+
+
+def test_a_seeds_arrivals_follow_the_rate_the_seed_draws() -> None:
+    rate = trace_rate("bursty", 0)
+    times = trace_times("bursty", 0)
+    bursting = [s for s in range(0, 600, 10) if rate(s) > 40 and rate(s + 9.99) > 40]
+    assert bursting  # the seed draws bursts, and the arrivals have them where the rate does
+    assert all(rate_in(times, s, s + 10) > 100 for s in bursting)
+    assert trace_times("bursty", 0) == times and trace_times("bursty", 1) != times
+
+
+def test_instant_reaction_sizes_for_the_true_rate_now() -> None:
+    hook = instant(lambda t: 45.0 if t < 10 else 0.0, per_replica=20.0)
+    assert hook(None, None, 5.0) == (3, None)  # 45 / 20 -> 3
+    assert hook(None, None, 15.0) == (1, None)  # never below one replica
+    flood = instant(lambda _: 1e6, per_replica=1.0)
+    assert flood(None, None, 0.0) == (MAX_REPLICAS, None)
 
 
 def test_metric_window_sees_only_pushed_samples_averaged_over_the_look_back() -> None:
