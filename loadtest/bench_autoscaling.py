@@ -118,7 +118,7 @@ RATE_UTILIZATION = 0.93
 RATE_CONFIG = OUR_CONFIG.model_copy(
     update={"target_per_replica": 200.0, "downscale_hysteresis": 0.05}
 )
-# Shares of capacity the instant-reaction bound sizes at: none, a third and a whole fleet more
+# Shares of capacity the instant-reaction reference sizes at: none, a third and a whole fleet more
 # than the rate needs.
 INSTANT_UTILIZATIONS = (1.0, 0.75, 0.5)
 
@@ -255,7 +255,7 @@ def ray(config: RayAutoscalingConfig) -> Callable[..., tuple[int, Any]]:
 
 
 def instant(rate: Callable[[float], float], per_replica: float) -> Callable[..., tuple[int, Any]]:
-    """The instant-reaction bound as a simulator hook: the fleet the true rate needs now at
+    """The instant-reaction reference as a simulator hook: the fleet the true rate needs now at
     `per_replica` req/s, at every tick."""
 
     def hook(metrics: AutoscalingMetrics, state: Any, now: float) -> tuple[int, Any]:
@@ -273,7 +273,7 @@ def run(
     hook = None
     if policy == "instant":
         hook = instant(trace_rate(trace, seed), param)
-    if policy == "ours":
+    elif policy == "ours":
         hook = ours(OUR_CONFIG.model_copy(update={"target_per_replica": param}))
     elif policy == "ours-rate":
         hook = ours(RATE_CONFIG.model_copy(update={"target_rate_per_replica": param}))
