@@ -190,7 +190,7 @@ def schedule(
     return plan.times(len(sessions), rng)
 
 
-# ---- traces for the autoscaling benchmark (loadtest/bench_autoscaling.py) ----------------------
+# ---- the autoscaling benchmark's trace rates (loadtest/bench_autoscaling.py) --------------------
 
 
 def bursty_rate(
