@@ -165,16 +165,21 @@ def sessions(count: int, seed: int) -> list[Session]:
     return out
 
 
+def _trace_rng(trace: str, seed: int) -> random.Random:
+    """The one generator a trace's seed names: its rate draws first, then its arrivals, so
+    `trace_rate` and `trace_times` of a seed agree."""
+    return random.Random(f"{trace}-{seed}")
+
+
 def trace_rate(trace: str, seed: int) -> Callable[[float], float]:
     """The trace's arrival rate at each moment, as the seed draws it (its bursts)."""
-    return TRACES[trace].rate(random.Random(f"{trace}-{seed}"))
+    return TRACES[trace].rate(_trace_rng(trace, seed))
 
 
 def trace_times(trace: str, seed: int) -> list[float]:
-    """Poisson arrivals at the trace's rate: the rate's draws, then the arrivals', from one
-    generator per seed."""
+    """Poisson arrivals at the trace's rate."""
     spec = TRACES[trace]
-    rng = random.Random(f"{trace}-{seed}")
+    rng = _trace_rng(trace, seed)
     return inhomogeneous_poisson(spec.rate(rng), spec.peak_rate, spec.duration_s, rng)
 
 
@@ -259,7 +264,7 @@ def instant(rate: Callable[[float], float], per_replica: float) -> Callable[...,
     `per_replica` req/s, at every tick."""
 
     def hook(metrics: AutoscalingMetrics, state: Any, now: float) -> tuple[int, Any]:
-        return min(MAX_REPLICAS, max(1, math.ceil(rate(now) / per_replica - 1e-9))), None
+        return min(MAX_REPLICAS, replicas_for(rate(now), per_replica)), None
 
     return hook
 
@@ -328,7 +333,12 @@ def window_oracle(times: Sequence[float], duration_s: float, capacity: float) ->
     the single-replica calibration covers; the fixed fleet for the peak, run on the whole trace
     below, checks the estimate where it matters most.
     """
-    return [max(1, math.ceil(rate / capacity - 1e-9)) for rate in window_rates(times, duration_s)]
+    return [replicas_for(rate, capacity) for rate in window_rates(times, duration_s)]
+
+
+def replicas_for(rate: float, per_replica: float) -> int:
+    """The fewest replicas, at least one, that serve `rate` req/s at `per_replica` each."""
+    return max(1, math.ceil(rate / per_replica - 1e-9))
 
 
 def window_rates(times: Sequence[float], duration_s: float) -> list[float]:
@@ -351,7 +361,7 @@ def sized_with_margin(
     bound: a policy sizing by measured throughput runs nearer capacity at times."""
     reach = round(reach_s / WINDOW_S)
     return WINDOW_S * sum(
-        max(1, math.ceil(max(rates[max(0, w - reach) : w + reach + 1]) / capacity / utilization))
+        replicas_for(max(rates[max(0, w - reach) : w + reach + 1]), capacity * utilization)
         for w in range(len(rates))
     )
 
@@ -436,46 +446,31 @@ def summarize(
         f"a fleet knowing the rate, {REPLICA_START_S:g} s ahead and behind, sized at a share "
         f"of capacity ({margins}) x the oracle"
     )
+
+    def outcomes(kind: str, label: Callable[[float], str], delay_s: float) -> list[Outcome]:
+        """The outcome of every simulation of `kind`, labelled by its parameter."""
+        return [
+            outcome(label(p), r, duration, delay_s, oracle_s) for k, p, r in results if k == kind
+        ]
+
     rows = []
-    fixed = [
-        outcome(f"fixed for the peak ({p:g})", r, duration, 0.0, oracle_s)
-        for k, p, r in results
-        if k == "fixed"
-    ]
+    fixed = outcomes("fixed", lambda p: f"fixed for the peak ({p:g})", 0.0)
     # The smaller of the two fleets that meets the SLO in every window (else the larger).
     rows += [next((o for o in fixed if o.attainment == 1.0), fixed[-1])] if fixed else []
     ray_delay = RayAutoscalingConfig().downscale_delay_s
-    candidates = [
-        outcome(f"ray (target {p:g})", r, duration, ray_delay, oracle_s)
-        for k, p, r in results
-        if k == "ray"
-    ]
+    candidates = outcomes("ray", lambda p: f"ray (target {p:g})", ray_delay)
     for o in candidates:
         print(f"  {o.policy}: attainment {o.attainment:.3f}, replica-s/oracle {o.replica_s:.2f}")
     if candidates:
         best = max(candidates, key=lambda o: (round(o.attainment, 3), -o.replica_s))
         rows += [next(o for o in candidates if o.policy == "ray (target 2)"), best]
-    rows += [
-        outcome(f"ours (target {p:g})", r, duration, OUR_CONFIG.downscale_delay_s, oracle_s)
-        for k, p, r in results
-        if k == "ours"
-    ]
-    rows += [
-        outcome(
-            f"ours, rate sizing ({p:.3g} req/s)",
-            r,
-            duration,
-            RATE_CONFIG.downscale_delay_s,
-            oracle_s,
-        )
-        for k, p, r in results
-        if k == "ours-rate"
-    ]
-    rows += [
-        outcome(f"instant reaction at {p / capacity:.0%} of capacity", r, duration, 0.0, oracle_s)
-        for k, p, r in results
-        if k == "instant"
-    ]
+    rows += outcomes("ours", lambda p: f"ours (target {p:g})", OUR_CONFIG.downscale_delay_s)
+    rows += outcomes(
+        "ours-rate", lambda p: f"ours, rate sizing ({p:.3g} req/s)", RATE_CONFIG.downscale_delay_s
+    )
+    rows += outcomes(
+        "instant", lambda p: f"instant reaction at {p / capacity:.0%} of capacity", 0.0
+    )
     return rows
 
 
