@@ -90,7 +90,7 @@ def build_app(args: AppConfig | dict[str, Any]) -> Application:
         **router_replicas,
         max_ongoing_requests=config.router.max_ongoing_requests,
         max_queued_requests=config.router.max_queued_requests,
-        graceful_shutdown_timeout_s=config.router.graceful_shutdown_timeout_s,
+        graceful_shutdown_timeout_s=config.router.shutdown_timeout(),
         backpressure_config=BackpressureConfig(
             status_code=503, retry_after_s=config.router.overload_retry_after_s
         ),

@@ -254,6 +254,12 @@ def decide(
         # rate still needs (a diurnal evening went 3 -> 1 and straight back up).
         fits_with_margin = rate_floor
         reason = f"{reason}; the arrival rate needs {rate_floor} at the measured throughput"
+    kv_floor = _kv_floor(metrics, config)
+    if kv_floor > fits_with_margin:
+        # A replica the KV rule added is not asked for by the load: shed on the load alone, the
+        # same KV would pass the threshold on fewer replicas and add it back, every delay.
+        fits_with_margin = kv_floor
+        reason = f"{reason}; KV usage {metrics.kv_cache_usage:.2f} needs {kv_floor} with the margin"
 
     if target == 0 and load > 0:
         new = max(1, needed)
@@ -323,7 +329,7 @@ def decide(
         load=load,
         capacity_limited=capacity_limited,
     )
-    if final != target or capacity_limited:
+    if final != target or (capacity_limited and not _repeats_last(state, decision)):
         state = _record(state, decision)
     return decision, replace(state, last_target=final)
 
@@ -494,6 +500,29 @@ def _serve_cold_start(metrics: ScalingMetrics, now: float) -> Decision:
     )
 
 
+def _kv_floor(metrics: ScalingMetrics, config: ScalingConfig) -> int:
+    """The fewest replicas the reported KV usage fits on under the threshold, with the
+    hysteresis margin (0 without KV reports): the scale-down test's counterpart of the KV rule."""
+    if not isinstance(config, ModelAutoscalingConfig) or not metrics.replicas:
+        return 0
+    in_use = metrics.kv_cache_usage * len(metrics.replicas)  # in replicas' worth of KV cache
+    limit = config.kv_usage_threshold * (1 - config.downscale_hysteresis)
+    return math.ceil(in_use / limit - 1e-9)
+
+
+def _repeats_last(state: PolicyState, decision: Decision) -> bool:
+    """The decision holds at the same capacity limit as the last recorded one: recorded (logged,
+    published) once, not on every control-loop tick while the cluster stays full."""
+    if not state.history:
+        return False
+    last = state.history[-1]
+    return (last.capacity_limited, last.target, last.desired) == (
+        True,
+        decision.target,
+        decision.desired,
+    )
+
+
 def _still_starting(metrics: ScalingMetrics, state: PolicyState, now: float) -> bool:
     """Replicas are starting, and not for so long that they look stuck (no room on the
     cluster, a crash loop): then the policy trusts the load again and may cancel them."""
@@ -604,7 +633,7 @@ class ServeAutoscalingPolicy:
         in the nodes' free resources (refreshed every 10 s: it costs a GCS call)."""
         if self._placement is None:
             return None
-        checked_at, spare = self._capacity_cache
+        checked_at, capacity = self._capacity_cache
         if now - checked_at >= 10.0:
             from deployments.placement import ReplicaPlacement, replicas_that_fit
 
@@ -616,8 +645,11 @@ class ServeAutoscalingPolicy:
             except Exception:  # no Ray state (e.g. the controller is shutting down)
                 return None
             spare = replicas_that_fit(ReplicaPlacement(**self._placement), free)
-            self._capacity_cache = (now, spare)
-        return None if spare is None else target + spare
+            # The capacity itself is what stays true until the next check: the spare room is
+            # taken by the replicas a scale-up adds in the meantime.
+            capacity = None if spare is None else target + spare
+            self._capacity_cache = (now, capacity)
+        return capacity
 
     def _report(
         self,

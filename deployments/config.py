@@ -480,10 +480,12 @@ class RouterConfig(StrictModel):
         description="Deadline of one request, queueing included; beyond it a 504 (or an error "
         "event once streaming) and the engine request is aborted.",
     )
-    graceful_shutdown_timeout_s: PositiveFloat = Field(
-        60.0,
+    graceful_shutdown_timeout_s: PositiveFloat | None = Field(
+        None,
         description="How long a router replica that Serve stops (scale-down, rolling update) "
-        "lets its in-flight requests finish before they are cut.",
+        "lets its in-flight requests finish before they are cut. Default: request_timeout_s, "
+        "which no request outlives, so none is cut (Serve stops the replica as soon as its "
+        "last request ends).",
     )
     retry_attempts: PositiveInt = Field(
         3,
@@ -507,6 +509,12 @@ class RouterConfig(StrictModel):
         description="Router replicas from their own ongoing requests; num_replicas is then the "
         "initial count.",
     )
+
+    def shutdown_timeout(self) -> float:
+        """Serve's graceful_shutdown_timeout_s for the router replicas."""
+        if self.graceful_shutdown_timeout_s is not None:
+            return self.graceful_shutdown_timeout_s
+        return self.request_timeout_s
 
     @model_validator(mode="after")
     def _router_scaling(self) -> RouterConfig:

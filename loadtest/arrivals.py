@@ -201,8 +201,9 @@ def bursty_rate(
     mean_gap_s: float,
     rng: random.Random,
 ) -> Callable[[float], float]:
-    """A rate (req/s at a time) of `base_rate`, with bursts at `burst_rate` lasting `burst_s`
-    whose starts are themselves Poisson (on average one per `mean_gap_s`): the load steps up by
+    """A rate (req/s at a time) of `base_rate`, with bursts at `burst_rate` lasting `burst_s`,
+    each starting an exponential gap of mean `mean_gap_s` after the previous one ends (so one
+    per `burst_s + mean_gap_s` on average): the load steps up by
     burst_rate / base_rate at moments nobody announced, as a batch job or a launch does. The
     bursts are drawn from `rng`; `inhomogeneous_poisson` turns the rate into arrivals."""
     bursts: list[float] = []

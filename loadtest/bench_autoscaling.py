@@ -35,9 +35,10 @@ Policies:
 Figures (over the trace's duration):
   SLO attainment   share of 10 s windows (by request arrival; windows without requests are not
                    counted) whose TTFT p95 is <= 2 s; a failed request counts as an infinite TTFT
-  replica-s/oracle replica-seconds allocated (routable + starting) over the oracle's. The oracle
-                   holds, in each window, the fewest replicas whose sustained capacity covers the
-                   window's arrival rate; the capacity of one replica is calibrated first, by
+  replica-s/oracle replica-seconds allocated (routable, starting, and removed but still
+                   finishing their requests) over the oracle's. The oracle holds, in each
+                   window, the fewest replicas whose sustained capacity covers the window's
+                   arrival rate; the capacity of one replica is calibrated first, by
                    simulation (`replica_capacity`: the highest Poisson rate one replica serves
                    for CALIBRATION_S with every window within the SLO). It knows the future and
                    pays no start-up delay: a lower bound no reactive policy reaches.

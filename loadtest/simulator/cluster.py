@@ -113,7 +113,8 @@ class SimulationResult:
     ideal_cache_hit_rate: float
     load_imbalance: float  # the busiest replica's busy time over the mean
     replicas_over_time: list[tuple[float, int]]
-    # Replicas holding resources (routable + starting) at each change: what an autoscaler pays.
+    # Replicas holding resources (routable, starting, and removed but finishing their requests)
+    # at each change: what an autoscaler pays.
     allocated_over_time: list[tuple[float, int]]
     busy_s: dict[str, float]  # per replica that ever existed
     # Per replica that ever existed, its requests in flight (its queue: waiting + running)
@@ -326,6 +327,8 @@ class _Run:
             self._on_ready,
         )
         self._starting: dict[str, _Replica] = {}  # added by the autoscaler, not routable yet
+        # Removed by the autoscaler and finishing their requests: still holding their GPUs.
+        self._draining: dict[str, _Replica] = {}
         self._allocated_series: list[tuple[float, int]] = []
 
         self._replicas: dict[str, _Replica] = {}  # routable, in creation order
@@ -573,6 +576,8 @@ class _Run:
             replica.add_in_flight(t, -1)
             if status == _OK:
                 replica.finished += 1
+            if not replica.in_flight and self._draining.pop(replica.replica_id, None):
+                self._note_allocated(t)
             self._policy.on_finished(request.request_id, replica.replica_id)
 
         if self._free_slots is not None:
@@ -661,14 +666,21 @@ class _Run:
             victims = sorted(newest_first, key=lambda r: r.in_flight)[: current - target]
             for replica in victims:
                 del self._replicas[replica.replica_id]
+                if replica.in_flight:
+                    self._draining[replica.replica_id] = replica
                 self._policy.on_replica_removed(replica.replica_id)
         if len(self._replicas) != routable:
             self._replica_series.append((t, len(self._replicas)))
-        allocated = len(self._replicas) + len(self._starting)
-        if allocated != self._allocated_series[-1][1]:
-            self._allocated_series.append((t, allocated))
+        self._note_allocated(t)
         if self._remaining:
             self._push(t + self._autoscaling_interval_s, _SCALE, None)
+
+    def _allocated(self) -> int:
+        return len(self._replicas) + len(self._starting) + len(self._draining)
+
+    def _note_allocated(self, t: float) -> None:
+        if self._allocated() != self._allocated_series[-1][1]:
+            self._allocated_series.append((t, self._allocated()))
 
     # -- figures -------------------------------------------------------------------------------
 
@@ -695,10 +707,7 @@ class _Run:
             # Every replica idle the whole run (zero-latency profile) is perfectly balanced.
             load_imbalance=max(busy.values()) / mean_busy if mean_busy > 0 else 1.0,
             replicas_over_time=series,
-            allocated_over_time=[
-                *self._allocated_series,
-                (self._last_end, len(self._replicas) + len(self._starting)),
-            ],
+            allocated_over_time=[*self._allocated_series, (self._last_end, self._allocated())],
             busy_s=busy,
             mean_in_flight=in_flight,
             queue_imbalance=(

@@ -92,3 +92,21 @@ def test_cli_validate_exit_codes(tmp_path: Path, capsys: pytest.CaptureFixture[s
     assert main(["config", "validate", str(bad)]) == 2
     assert "models.0.num_replicas" in capsys.readouterr().err
     assert main(["config", "validate", str(tmp_path / "missing.yaml")]) == 2
+
+
+def test_a_stopped_router_waits_for_its_requests_deadline(tmp_path: Path) -> None:
+    """A router replica Serve stops (scale-down, rolling update) cut its streams after 60 s
+    where a model's replicas drain for minutes; by default it now waits as long as a request
+    may live, and Serve stops it as soon as its last request ends."""
+    from deployments.app import build_app
+
+    config = load_config(write(tmp_path, {"models": [SIMULATED_MODEL]}))
+    router = build_app(config.app_config())._bound_deployment  # Serve's Router deployment
+    assert router._deployment_config.graceful_shutdown_timeout_s == 600.0
+    assert config.router.request_timeout_s == 600.0
+    router_fields = {"request_timeout_s": 120, "graceful_shutdown_timeout_s": 30}
+    config = load_config(write(tmp_path, {"models": [SIMULATED_MODEL], "router": router_fields}))
+    assert config.router.shutdown_timeout() == 30
+    del router_fields["graceful_shutdown_timeout_s"]
+    config = load_config(write(tmp_path, {"models": [SIMULATED_MODEL], "router": router_fields}))
+    assert config.router.shutdown_timeout() == 120

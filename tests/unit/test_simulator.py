@@ -520,3 +520,25 @@ def test_replicas_added_by_the_autoscaler_start_after_the_delay_and_can_be_cance
     assert result.replicas_over_time[:2] == [(0.0, 1), (6.0, 2)]  # routable 5 s after asked
     assert len(result.busy_s) == 2  # the cancelled replica never ran
     assert {r.replica for r in result.records if r.start_s < 6.0} == {"replica-0"}
+
+
+def test_a_replica_removed_while_busy_is_paid_for_until_its_requests_end() -> None:
+    """Like Serve's graceful shutdown: a removed replica takes no new requests but finishes its
+    own, holding its GPU (and counting as allocated) until the last one ends."""
+    sessions = [Session(f"s{i}", (Turn(tuple(range(i, i + 64)), 200),)) for i in range(4)]
+
+    def autoscaler(metrics: AutoscalingMetrics, state: Any, now: float) -> tuple[int, Any]:
+        return 1, None
+
+    result = simulate(
+        FleetSpec(small_profile(), 2),
+        Recorder("round_robin"),
+        sessions,
+        [0.0] * 4,
+        autoscaler=autoscaler,
+        autoscaling_interval_s=1.0,
+    )
+    assert all(r.ok for r in result.records)
+    removed_ends = [r.end_s for r in result.records if r.replica == "replica-1"]
+    assert len(removed_ends) == 2 and min(removed_ends) > 1.0  # still busy when removed at 1 s
+    assert result.allocated_over_time[:2] == [(0.0, 2), (max(removed_ends), 1)]
