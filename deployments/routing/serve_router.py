@@ -48,7 +48,7 @@ from ray.serve._private.request_router.request_router import FIFOMixin, RequestR
 from ray.serve.exceptions import RayServeException
 from ray.util import metrics
 
-from deployments.engines.base import EngineRequest, EngineStats
+from deployments.engines.base import AllBlocksCleared, EngineRequest, EngineStats
 from deployments.observability.config import TracingConfig
 from deployments.observability.tracing import extract, tracer, tracer_provider
 from deployments.routing.hashing import block_hashes
@@ -96,6 +96,9 @@ class PolicyRequestRouter(FIFOMixin, RequestRouter):
             tracer_provider(TracingConfig.model_validate(tracing or {}), "router")
         )
         self._cursor = KVEventCursor()
+        # Every replica of the last update, reported or not: one that leaves before its first
+        # report may already have requests routed to it, and the policy state they made.
+        self._replica_ids: set[str] = set()
         self._stats: dict[str, EngineStats] = {}
         self._versions: dict[str, tuple[str, int]] = {}  # replica -> (incarnation, version)
         # Keyed by Serve's internal request id (one per handle call: our retries are new calls).
@@ -139,7 +142,6 @@ class PolicyRequestRouter(FIFOMixin, RequestRouter):
     # ---- replica updates ------------------------------------------------------------------------
 
     def update_replicas(self, replicas: list[RunningReplica]) -> None:
-        before = set(self._stats)
         super().update_replicas(replicas)
         current = set()
         for replica in replicas:
@@ -148,7 +150,8 @@ class PolicyRequestRouter(FIFOMixin, RequestRouter):
             self._ingest(replica_id, replica.routing_stats)
         # Requests still routed to a replica that left end with their results (failed when it
         # died, finished when it drained): their in-flight counts go then.
-        for gone in before - current:
+        gone_ids, self._replica_ids = self._replica_ids - current, current
+        for gone in gone_ids:
             self._stats.pop(gone, None)
             self._versions.pop(gone, None)
             self._cursor.forget(gone)
@@ -165,18 +168,21 @@ class PolicyRequestRouter(FIFOMixin, RequestRouter):
         self._stats[replica_id] = stats
         self._policy.on_replica_stats(replica_id, stats)
         delta = self._cursor.delta(replica_id, routing_stats["kv_events"])
+        events = delta.events
         if not delta.complete:
             # More events happened than the window kept: what this router believed about the
-            # replica's cache may now be wrong. Forget it rather than route on stale blocks; the
-            # view is rebuilt from the replica's next snapshot.
+            # replica's cache may now be wrong. Forget the cache view rather than route on stale
+            # blocks (as if the engine had cleared it; the view is rebuilt from the replica's next
+            # snapshot), but only that: the replica's load, and the requests in flight there, are
+            # still what the policy knows.
             logger.info("KV event gap for replica %s: dropping its cached view", replica_id)
-            self._policy.on_replica_removed(replica_id)
+            events = [AllBlocksCleared(), *events]
         if delta.resynced:
             self._resyncs.inc()
         if delta.oldest_ts is not None:
             self._staleness_ms.observe(max(time.time() - delta.oldest_ts, 0.0) * 1000)
-        if delta.events:
-            self._policy.on_kv_events(replica_id, delta.events)
+        if events:
+            self._policy.on_kv_events(replica_id, events)
 
     # ---- decisions ------------------------------------------------------------------------------
 

@@ -181,6 +181,50 @@ async def test_a_restarted_router_rebuilds_its_view_from_the_snapshot(
     assert request.kwargs["routing"].predicted_tokens("r1") == 6 * BLOCK
 
 
+async def test_a_kv_event_gap_drops_the_cache_view_and_nothing_else() -> None:
+    logs = {"r0": KVEventLog("r0", max_events=2), "r1": KVEventLog("r1", max_events=2)}
+    router = new_router()
+    replicas = [ReportingReplica(rid, report(log, 1)) for rid, log in logs.items()]
+    router.update_replicas(replicas)
+    await asyncio.sleep(0)
+    for i in range(3):
+        router.on_request_routed(pending(f"q{i}"), replicas[0].replica_id, FakeResult())  # type: ignore[arg-type]
+    # r0 stores more events than its window keeps, and reports the three requests waiting.
+    logs["r0"].extend([BlocksStored(block_hashes=(i,)) for i in range(5)])
+    waiting = EngineStats(
+        num_waiting=3, num_running=0, kv_cache_usage=1.0, block_size=BLOCK, num_total_blocks=64
+    )
+    gap = {"version": 2, "stats": waiting.model_dump(), "kv_events": logs["r0"].window()}
+    replicas = [ReportingReplica("r0", gap), ReportingReplica("r1", report(logs["r1"], 2))]
+    router.update_replicas(replicas)
+    # The prompt blocks the routed requests left in r0's view may be gone: forgotten...
+    request = pending("next")
+    await router.choose_replicas(replicas, request)
+    assert request.kwargs["routing"].predicted_tokens("r0") == 0
+    # ...but the requests still run there and the report that came with the gap still counts.
+    assert router.tracked_requests() == {"pending": 1, "routed": 3, "policy": 3}
+    assert router._policy._queue["r0"] > 0
+
+
+async def test_a_replica_leaving_before_its_first_report_is_forgotten() -> None:
+    router = new_router()
+    r0 = ReportingReplica("r0", report(KVEventLog("r0"), 1))
+    new = ReportingReplica("r-new", {})  # running, its routing stats not polled yet
+    router.update_replicas([r0, new])
+    await asyncio.sleep(0)
+    request = pending("a")
+    await router.choose_replicas([r0, new], request)
+    result = FakeResult()
+    router.on_request_routed(request, new.replica_id, result)  # type: ignore[arg-type]
+    result.complete()
+    await settle()
+    router.update_replicas([r0])  # it died before it ever reported
+    request = pending("b")
+    await router.choose_replicas([r0], request)
+    assert "r-new" not in request.kwargs["routing"].predicted_cached_blocks
+    assert "r-new" not in router._policy.index.held
+
+
 # ---- per-request state: every way a request ends leaves none behind ----------------------------
 
 IDLE = {"pending": 0, "routed": 0, "policy": 0}
