@@ -51,7 +51,8 @@ class PlacementInfeasible(ValueError):
 
 def check_fits(models: Sequence[ModelConfig], nodes: Sequence[Mapping[str, float]]) -> None:
     """Raise PlacementInfeasible naming each model one replica of which no node (or, for PACK,
-    the cluster) can host. `nodes` are the alive nodes' total resources, e.g. {"CPU": 8, "GPU": 4}.
+    the nodes together, each bundle whole on one node) can host. `nodes` are the alive nodes'
+    total resources, e.g. {"CPU": 8, "GPU": 4}.
 
     This is a per-replica check, the part that can never succeed: Ray would otherwise leave the
     placement group pending forever and Serve would wait on it without saying why.
@@ -71,12 +72,19 @@ def check_fits(models: Sequence[ModelConfig], nodes: Sequence[Mapping[str, float
                 )
         else:
             cluster = {r: sum(n.get(r, 0.0) for n in nodes) for r in need}
-            if not _covers(cluster, need) or not all(
-                any(_covers(node, bundle) for node in nodes) for bundle in placement.bundles
-            ):
+            if not _covers(cluster, need):
                 problems.append(
                     f"model {model.name!r}: one replica needs {_fmt(need)} across nodes, "
                     f"but the cluster has {_fmt(cluster)}"
+                )
+            elif (placed := _most_bundles_placed(placement, nodes)) < len(placement.bundles):
+                # Enough in total, but a bundle cannot straddle nodes: what each node has left
+                # over after whole bundles is lost.
+                first, worker = placement.bundles[0], placement.bundles[-1]
+                problems.append(
+                    f"model {model.name!r}: one replica needs {len(placement.bundles)} bundles, "
+                    f"each whole on one node (the first {{{_fmt(first)}}}, the others "
+                    f"{{{_fmt(worker)}}} each), but the nodes can hold only {placed} of them"
                 )
     if problems:
         raise PlacementInfeasible("; ".join(problems))
@@ -84,6 +92,30 @@ def check_fits(models: Sequence[ModelConfig], nodes: Sequence[Mapping[str, float
 
 def _covers(available: Mapping[str, float], need: Mapping[str, float]) -> bool:
     return all(available.get(r, 0.0) + 1e-9 >= amount for r, amount in need.items())
+
+
+def _most_bundles_placed(placement: ReplicaPlacement, nodes: Sequence[Mapping[str, float]]) -> int:
+    """The most bundles of one replica the nodes can hold at once, bundles whole on one node.
+    Exact because every bundle after the first is the same worker bundle (replica_placement):
+    try each node as the first bundle's host and fill all the nodes with workers."""
+    first, *workers = placement.bundles
+    best = 0
+    for i, host in enumerate(nodes):
+        if not _covers(host, first):
+            continue
+        left = {r: host.get(r, 0.0) - first.get(r, 0.0) for r in host}
+        room = [left if j == i else node for j, node in enumerate(nodes)]
+        copies = sum(_copies(node, workers[0]) for node in room) if workers else 0
+        best = max(best, 1 + min(copies, len(workers)))
+    return best
+
+
+def _copies(node: Mapping[str, float], bundle: Mapping[str, float]) -> int:
+    """How many copies of `bundle` fit in `node` (capped at 1024, like replicas_that_fit)."""
+    return min(
+        (int((node.get(r, 0.0) + 1e-9) // amount) for r, amount in bundle.items() if amount > 0),
+        default=1024,
+    )
 
 
 def _largest_node(nodes: Sequence[Mapping[str, float]], need: Mapping[str, float]) -> Bundle:

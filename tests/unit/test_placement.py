@@ -66,3 +66,24 @@ def test_pipeline_stages_may_span_nodes() -> None:
     check_fits([model(tensor_parallel_size=4, pipeline_parallel_size=2)], NODES_2X4)
     with pytest.raises(PlacementInfeasible, match="across nodes"):
         check_fits([model(tensor_parallel_size=4, pipeline_parallel_size=4)], NODES_2X4)
+
+
+def test_pipeline_stages_that_cannot_pack_are_reported() -> None:
+    # 8 GPUs and 48 CPUs in total are enough, but a GPU node holds only 3 bundles of 5-6 CPUs.
+    with pytest.raises(PlacementInfeasible) as error:
+        check_fits(
+            [model(tensor_parallel_size=4, pipeline_parallel_size=2, cpus_per_worker=5)],
+            NODES_2X4,
+        )
+    message = str(error.value)
+    assert "8 bundles" in message and "{6 CPU, 1 GPU}" in message and "{5 CPU, 1 GPU}" in message
+    assert "can hold only 6 of them" in message
+
+
+def test_pipeline_stages_fit_when_the_first_bundle_goes_to_the_right_node() -> None:
+    # First fit would put the larger first bundle on the 2-GPU node and strand a worker; on the
+    # 1-GPU node it leaves the 2-GPU node to the two workers.
+    nodes = [{"CPU": 8.0, "GPU": 2.0}, {"CPU": 6.0, "GPU": 1.0}]
+    stages = model(pipeline_parallel_size=3, cpus_per_worker=4, replica_cpus=2)
+    assert replica_placement(stages).bundles[0] == {"CPU": 6.0, "GPU": 1.0}
+    check_fits([stages], nodes)
