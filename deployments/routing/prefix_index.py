@@ -107,8 +107,9 @@ class PrefixIndex:
 
     def add(self, replica_id: str, block_hashes: Sequence[int]) -> None:
         """`replica_id` holds these blocks (it was routed a request with them, or stored them);
-        each becomes the most recently used, the first block last so that a prefix's tail ages
-        out before its head, as in the engine."""
+        each becomes one of the most recently used (the first block last so that a prefix's tail
+        ages out before its head, as in the engine; one already among the newest eighth stays
+        where it is), and none of them is evicted by this call."""
         slot = self._slot_of.get(replica_id)
         if slot is None:
             slot = self._claim_slot(replica_id)
@@ -119,11 +120,16 @@ class PrefixIndex:
         keys = dict.fromkeys(
             map(or_, map(lshift, reversed(block_hashes), repeat(_SLOT_BITS)), repeat(slot))
         )
-        # One stamp (and one int object) for every entry this call moves or inserts; entries
-        # stamped less than `_fresh` ticks ago are among the newest and stay where they are.
-        stale = self._tick - self._fresh
-        self._tick += len(keys)
+        # One stamp (and one int object) for every entry this call moves or inserts: the tick
+        # before the first of them, so fewer than `now - stamp` entries were moved or inserted
+        # after any of them. An entry stamped less than `_fresh` ticks ago is therefore among the
+        # newest `_fresh` and stays where it is, unless this chain is so long that, moved in
+        # after it, it would push it past the cap: then every entry of the chain moves.
+        stale = (
+            self._tick - self._fresh if len(keys) <= self.max_blocks - self._fresh else self._tick
+        )
         stamp = self._tick
+        self._tick += len(keys)
         holders = self._holders
         bit = 1 << slot
         move = lru.move_to_end
@@ -139,7 +145,9 @@ class PrefixIndex:
                 lru[key] = stamp
         self._entries[slot] += added
         self._held[replica_id] = self._held.get(replica_id, 0) + added
-        # The chain is now at the recent end, so evicting from the old end never takes any of it.
+        # Each entry of the chain is now among the newest `max_blocks`: moved in, or left with
+        # fewer than `_fresh` entries after it, and this call moved in at most
+        # `max_blocks - _fresh` more. So evicting from the old end never takes any of it.
         if len(lru) > self.max_blocks:
             self._evict(len(lru) - self.max_blocks)
 

@@ -123,6 +123,34 @@ def test_unbounded_slot_churn_stays_bounded() -> None:
         index.remove_replica(f"r{i}")
     assert index.stored <= 16
     assert len(index) == 0
+    # Slots are reused once their entries aged out: the 16 entries hold at most 8 departed
+    # replicas' pairs, and the newcomer takes a ninth slot.
+    assert len(index._owner) <= 9
+
+
+def test_an_add_never_evicts_its_own_blocks() -> None:
+    # A shared prefix touched by the last add is left in place (it is among the newest); a long
+    # chain moved in after it must not push it out of the cap.
+    index = PrefixIndex(16)
+    prefix = [1, 2]
+    index.add("r0", prefix + list(range(100, 114)))  # the cap is full
+    index.add("r1", [7])
+    chain = prefix + list(range(200, 214))
+    index.add("r0", chain)
+    assert index.match(chain) == {"r0": 16}
+
+
+@pytest.mark.parametrize("max_blocks", [8, 16, 40, 100])
+def test_every_block_added_is_held_right_after(max_blocks: int) -> None:
+    # Any sequence of blocks (a snapshot is added as one, in the engine's order, not a chain
+    # sharing only its head with the earlier ones), overlapping what is already there.
+    rng = random.Random(max_blocks)
+    index = PrefixIndex(max_blocks)
+    for _ in range(300):
+        replica = f"r{rng.randrange(3)}"
+        blocks = rng.sample(range(2 * max_blocks), rng.randrange(1, max_blocks + 1))
+        index.add(replica, blocks)
+        assert index.match(blocks)[replica] == len(blocks)
 
 
 def test_events_are_engine_truth() -> None:
