@@ -737,8 +737,10 @@ class SimulatedEngine:
                     await asyncio.sleep(0)  # a free step still lets the consumers run
                 for output in result.outputs:
                     stream = self._streams.get(output.request_id)
-                    if stream is None:
-                        continue  # aborted while the step ran
+                    if stream is None or output.index not in stream.open:
+                        # Aborted while the step ran: its consumer has gone, or has its final
+                        # "abort" output already and must get nothing after it.
+                        continue
                     if output.finish_reason is not None:
                         stream.open.discard(output.index)
                     stream.queue.put_nowait(output)

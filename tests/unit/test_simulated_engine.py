@@ -686,6 +686,22 @@ async def test_abort_finishes_every_open_choice() -> None:
 
 
 @pytest.mark.asyncio
+async def test_abort_during_a_step_is_the_streams_last_output() -> None:
+    # The step loop sleeps for a step's duration with that step's outputs in hand; an abort
+    # arriving meanwhile has already sent the final output, so they must never follow it.
+    class AbortingClock(FakeClock):
+        async def sleep(self, seconds: float) -> None:
+            await super().sleep(seconds)
+            await engine.abort("r")  # at the end of the sleep: the consumer has not run since
+
+    engine = SimulatedEngine(make_profile(), clock=AbortingClock())
+    outputs = await collect(engine, make_request("r", prompt_of(10), max_tokens=50))
+    assert [(out.token_ids, out.finish_reason) for out in outputs] == [((), "abort")]
+    assert_idle(engine.core)
+    await engine.shutdown()
+
+
+@pytest.mark.asyncio
 async def test_shutdown_ends_open_streams_with_abort() -> None:
     engine = SimulatedEngine(make_profile(), clock=FakeClock())
     stream = engine.generate(make_request("r", prompt_of(10), max_tokens=50))
