@@ -11,6 +11,7 @@ import pytest
 
 from deployments.engines.base import BlocksRemoved, BlocksStored, EngineStats
 from deployments.routing.hashing import block_hashes
+from deployments.routing.policies import _ReplicaLoad
 from deployments.routing.policy import (
     POLICIES,
     ReplicaView,
@@ -261,6 +262,36 @@ def test_cache_load_guard_holds_whatever_the_cache_says() -> None:
     policy.on_routed(request("warm", prompt(0)), "r0")
     policy.on_replica_stats("r0", stats(running=1))
     assert first(policy, views(3, 1, 1), request("a", prompt(1))) != "r0"  # 3 > max(5/3, 2)
+
+
+@pytest.mark.parametrize(("hot_share", "spreads"), [(80, True), (10, False)])
+def test_cache_load_replicates_a_prefix_by_its_demand(hot_share: int, spreads: bool) -> None:
+    # Of the last 100 requests, `hot_share` began with SYSTEM, all routed to r0; the rest had
+    # prefixes of their own, on the other replicas.
+    policy = create_policy("cache_load", rng=random.Random(0))
+    for i in range(100):
+        if i < hot_share:
+            policy.on_routed(request(f"hot{i}", prompt(i)), "r0")
+        else:
+            policy.on_routed(request(f"own{i}", prompt(i, (i,) * BLOCK)), f"r{1 + i % 7}")
+    # r0 is above the mean (4.25) but far below the guard's bound (16).
+    fleet = [ReplicaView(f"r{i}", in_flight=6 if i == 0 else 4) for i in range(8)]
+    chosen = first(policy, fleet, request("next", prompt(500)))
+    # 80%: the prefix needs ~5 of the 8 replicas and r0 is its only holder, so it spreads to
+    # another one. 10%: one holder is enough, and the request stays with its cache.
+    assert (chosen != "r0") == spreads
+
+
+def test_cache_load_tracks_a_bounded_number_of_requests_per_replica() -> None:
+    # on_finished never comes (a caller's bug): the oldest entries go beyond the bound.
+    policy = create_policy("cache_load", rng=random.Random(0))
+    for i in range(10_000):
+        policy.on_routed(RoutingRequest(f"q{i}", block_hashes=(), num_prompt_tokens=10), "r0")
+    assert policy.tracked_requests() == _ReplicaLoad.MAX_TRACKED < 10_000
+    policy.on_finished("q0", "r0")  # long gone
+    assert policy.tracked_requests() == _ReplicaLoad.MAX_TRACKED
+    policy.on_finished("q9999", "r0")  # the newest are kept
+    assert policy.tracked_requests() == _ReplicaLoad.MAX_TRACKED - 1
 
 
 def test_cache_load_steers_new_prefixes_to_the_emptier_cache() -> None:
