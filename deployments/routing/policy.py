@@ -50,10 +50,10 @@ class RoutingRequest:
     """The request as a policy sees it: no text, only what decides where it should go."""
 
     request_id: str
-    block_hashes: Sequence[int]  # chained hashes of the full prompt blocks, engine block size
+    # Chained hashes of the full prompt blocks, engine block size; salted with the request's
+    # cache_salt, so a tenant's prompts never match another tenant's cached blocks.
+    block_hashes: Sequence[int]
     num_prompt_tokens: int
-    cache_salt: str | None = None
-    tenant: str | None = None
     # Tokens per block of `block_hashes`: the engines' block size, which the router learns from
     # them (never assumes). Required with hashes: a policy turns matched blocks into tokens.
     block_size: int | None = None

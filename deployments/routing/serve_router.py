@@ -197,7 +197,6 @@ class PolicyRequestRouter(FIFOMixin, RequestRouter):
             request_id=request.request_id,
             block_hashes=hashes,
             num_prompt_tokens=len(request.prompt_token_ids),
-            cache_salt=request.cache_salt,
             block_size=block_size,
         )
 

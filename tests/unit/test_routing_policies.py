@@ -146,7 +146,6 @@ def request(request_id: str, tokens: Sequence[int], salt: str | None = None) -> 
         request_id=request_id,
         block_hashes=block_hashes(tokens, BLOCK, salt),
         num_prompt_tokens=len(tokens),
-        cache_salt=salt,
         block_size=BLOCK,
     )
 
