@@ -246,17 +246,25 @@ class OpenAIApp:
             )
             return JSONResponse(error.body(), error.status, headers=error.headers)
 
+        timeout_s = self._config.health_check_timeout_s
+
         async def check(served: ServedModel) -> str | None:
             # Each call reaches one replica: a model is healthy when some replica answers, so a
-            # dead one (until Serve replaces it) gets a few more tries to find a live one.
+            # dead one (until Serve replaces it) gets a few more tries to find a live one. The
+            # tries share one budget: a hung replica costs the probe timeout_s, not a multiple.
             problem = None
-            for _ in range(self._config.retry_attempts):
-                try:
-                    timeout_s = self._config.health_check_timeout_s
-                    await asyncio.wait_for(served.backend.stats(), timeout_s)
-                    return None
-                except Exception as exc:
-                    problem = f"{type(exc).__name__}: {exc}"[:300]
+            try:
+                async with asyncio.timeout(timeout_s):
+                    for _ in range(self._config.retry_attempts):
+                        try:
+                            await served.backend.stats()
+                            return None
+                        except Exception as exc:
+                            problem = f"{type(exc).__name__}: {exc}"[:300]
+            except TimeoutError:
+                problem = f"no replica answered within {timeout_s:g} s" + (
+                    f" (earlier: {problem})" if problem else ""
+                )
             return problem
 
         names = list(self._models)

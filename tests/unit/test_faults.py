@@ -13,7 +13,7 @@ import pytest
 
 from deployments.api.openai_app import OverloadedError, UnavailableError
 from deployments.config import RouterConfig
-from deployments.engines.base import EngineDeadError, EngineOutput, EngineRequest
+from deployments.engines.base import EngineDeadError, EngineOutput, EngineRequest, EngineStats
 from deployments.engines.simulated import SimulatedEngine
 from tests.support import API_MODEL, EngineBackend, parse_sse, simulated_api, simulated_app
 
@@ -172,3 +172,52 @@ async def test_a_draining_router_refuses_new_requests_and_finishes_those_in_flig
         assert answered.status_code == 200, answered.text
         assert answered.json()["usage"]["completion_tokens"] == 30
         assert made[0].attempts == 1  # the refused requests never reached the backend
+
+
+class FlakyStats(EngineBackend):
+    """A model whose stats() fails `failures` times (replicas that died) and then answers, or,
+    with `hang`, never answers (a hung replica)."""
+
+    def __init__(self, engine: SimulatedEngine, failures: int = 0, hang: bool = False) -> None:
+        super().__init__(engine)
+        self.failures = failures
+        self.hang = hang
+        self.calls = 0
+
+    async def stats(self) -> EngineStats:
+        self.calls += 1
+        if self.hang:
+            await asyncio.Event().wait()
+        if self.calls <= self.failures:
+            raise UnavailableError("replica died")
+        return await super().stats()
+
+
+def flaky_stats(**kwargs: Any) -> tuple[list[FlakyStats], Any]:
+    made: list[FlakyStats] = []
+
+    def factory(engine: SimulatedEngine) -> FlakyStats:
+        made.append(FlakyStats(engine, **kwargs))
+        return made[0]
+
+    return made, factory
+
+
+async def test_health_retries_a_dead_replica(embedded_model: Path) -> None:
+    made, factory = flaky_stats(failures=2)
+    async with simulated_api(embedded_model, RouterConfig(retry_attempts=3), factory) as (http, _):
+        response = await http.get("/health")
+    assert response.status_code == 200, response.text
+    assert made[0].calls == 3
+
+
+async def test_health_waits_for_a_hung_replica_once(embedded_model: Path) -> None:
+    """health_check_timeout_s is the whole wait: the retries for dead replicas share it, so a
+    hung one is not waited for retry_attempts times over."""
+    made, factory = flaky_stats(hang=True)
+    config = RouterConfig(retry_attempts=3, health_check_timeout_s=0.2)
+    async with simulated_api(embedded_model, config, factory) as (http, _):
+        response = await asyncio.wait_for(http.get("/health"), timeout=10)
+    assert response.status_code == 503
+    assert "no replica answered within 0.2 s" in response.json()["error"]["message"]
+    assert made[0].calls == 1
