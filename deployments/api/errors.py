@@ -1,7 +1,9 @@
 """OpenAI's error envelope: every error body is {"error": {"message", "type", "param", "code"}}.
 
 Status discipline (DESIGN.md): client mistakes are 4xx and never 5xx (SDKs retry 5xx, multiplying
-load); overload is 429/503 with Retry-After; a deadline is 408/504.
+load); overload is 429/503 with Retry-After; a deadline is 504 (DESIGN allows 408 too, but here
+it is always the server, never the client's upload, that runs out of time). A client that hangs
+up mid-upload is a 499 that only the access log and metrics see.
 """
 
 from __future__ import annotations
@@ -70,6 +72,17 @@ def too_large(limit: int) -> APIError:
         413,
         f"The request body is larger than the limit of {limit} bytes.",
         code="request_too_large",
+    )
+
+
+def client_closed_request() -> APIError:
+    # The client hung up before its request arrived: nobody reads this answer, it is for the
+    # access log and metrics, where nginx's 499 keeps it apart from a bad request and from the
+    # server's own failures (5xx).
+    return APIError(
+        499,
+        "The client closed the connection before the request body arrived.",
+        code="client_closed_request",
     )
 
 

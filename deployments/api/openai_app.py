@@ -20,12 +20,14 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from pydantic import BaseModel, ValidationError
 from starlette.exceptions import HTTPException
+from starlette.requests import ClientDisconnect
 
 from deployments.api import sse
 from deployments.api.auth import Authenticator, Caller
 from deployments.api.errors import (
     APIError,
     bad_request,
+    client_closed_request,
     from_validation_error,
     internal_error,
     model_not_found,
@@ -375,11 +377,14 @@ class OpenAIApp:
             raise too_large(limit)
         chunks: list[bytes] = []
         size = 0
-        async for chunk in request.stream():  # bounded read: never buffer more than the limit
-            size += len(chunk)
-            if size > limit:
-                raise too_large(limit)
-            chunks.append(chunk)
+        try:
+            async for chunk in request.stream():  # bounded read: never buffer more than the limit
+                size += len(chunk)
+                if size > limit:
+                    raise too_large(limit)
+                chunks.append(chunk)
+        except ClientDisconnect:
+            raise client_closed_request() from None
         data = parse_json_object(b"".join(chunks), self._config.limits.max_json_depth)
         try:
             return model.model_validate(data, context=self._config.limits)

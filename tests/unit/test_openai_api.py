@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -13,7 +14,7 @@ import pytest
 from deployments.config import RequestLimits, RouterConfig
 from deployments.engines.profiles import ZERO_LATENCY
 from deployments.tokenizer import PromptTokenizer
-from tests.support import API_MAX_MODEL_LEN, API_MODEL, parse_sse, simulated_api
+from tests.support import API_MAX_MODEL_LEN, API_MODEL, parse_sse, simulated_api, simulated_app
 
 MODEL = API_MODEL
 MAX_MODEL_LEN = API_MAX_MODEL_LEN
@@ -341,3 +342,41 @@ async def test_oversized_body_is_413(client: httpx.AsyncClient) -> None:
 
 async def test_unknown_route_is_404_in_openai_shape(client: httpx.AsyncClient) -> None:
     assert_error(await client.get("/v2/whatever"), 404)
+
+
+async def test_client_gone_mid_upload_is_499_not_an_error(
+    embedded_model: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A client that hangs up halfway through its body is nobody's failure: no ERROR log and no
+    5xx in the metrics, but nginx's 499 (client closed request) in the access log."""
+    received: list[dict[str, Any]] = [
+        {"type": "http.request", "body": b'{"model": "tiny", "mess', "more_body": True},
+    ]
+    sent: list[dict[str, Any]] = []
+
+    async def receive() -> dict[str, Any]:
+        return received.pop(0) if received else {"type": "http.disconnect"}
+
+    async def send(message: dict[str, Any]) -> None:
+        sent.append(message)
+
+    scope = {
+        "type": "http",
+        "asgi": {"version": "3.0"},
+        "http_version": "1.1",
+        "method": "POST",
+        "scheme": "http",
+        "path": CHAT,
+        "raw_path": CHAT.encode(),
+        "query_string": b"",
+        "root_path": "",
+        "headers": [(b"content-type", b"application/json")],
+        "client": ("127.0.0.1", 1),
+        "server": ("test", 80),
+    }
+    async with simulated_app(embedded_model, RouterConfig()) as (_, _, api):
+        with caplog.at_level(logging.WARNING):
+            await api.app(scope, receive, send)
+    assert sent[0]["type"] == "http.response.start" and sent[0]["status"] == 499
+    assert json.loads(sent[1]["body"])["error"]["code"] == "client_closed_request"
+    assert not caplog.records
