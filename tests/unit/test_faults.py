@@ -14,7 +14,9 @@ import pytest
 from deployments.api.openai_app import OverloadedError, UnavailableError
 from deployments.config import RouterConfig
 from deployments.engines.base import EngineDeadError, EngineOutput, EngineRequest, EngineStats
+from deployments.engines.profiles import LLAMA_8B_H100
 from deployments.engines.simulated import SimulatedEngine
+from deployments.tokenizer import PromptTokenizer
 from tests.support import API_MODEL, EngineBackend, parse_sse, simulated_api, simulated_app
 
 
@@ -128,23 +130,56 @@ async def test_failure_after_the_first_byte_ends_the_stream_with_an_error_event(
         assert response.status_code == 503
 
 
-async def test_deadline_is_504_and_aborts_the_engine_request(embedded_model: Path) -> None:
-    _, factory = faulty(stall_s=30.0)
+class StandsStillAfterFirstStep:
+    """An engine clock that lets the first step (prefill and the first token) pass, then stands
+    still: from there on the engine request runs until someone aborts it."""
+
+    def __init__(self) -> None:
+        self.steps = 0
+
+    def now(self) -> float:
+        return float(self.steps)
+
+    async def sleep(self, seconds: float) -> None:
+        self.steps += 1
+        if self.steps > 1:
+            await asyncio.Event().wait()
+        await asyncio.sleep(0)
+
+
+@pytest.mark.parametrize("stream", [False, True])
+async def test_deadline_is_504_and_aborts_the_engine_request(
+    embedded_model: Path, stream: bool
+) -> None:
+    tokenizer = PromptTokenizer(str(embedded_model))
+    engine = SimulatedEngine(
+        LLAMA_8B_H100,
+        detokenize=tokenizer.decode,
+        vocab_size=tokenizer.vocab_size,
+        clock=StandsStillAfterFirstStep(),
+    )
     config = RouterConfig(request_timeout_s=0.3)
-    async with simulated_api(embedded_model, config, factory) as (http, engine):
-        response = await asyncio.wait_for(
-            http.post("/v1/chat/completions", json=chat()), timeout=10
-        )
-        assert response.status_code == 504
-        assert response.json()["error"]["code"] == "request_timeout"
-        stream = await asyncio.wait_for(
-            http.post("/v1/chat/completions", json=chat(stream=True)), timeout=10
-        )
-        events, done = parse_sse(stream.text)
-        assert not done and events[-1]["error"]["code"] == "request_timeout"
-        # The simulated engine would have finished these in microseconds: what the teardown's
-        # leak check sees is that the router's abort reached it.
-        assert engine.stats().num_running == 0
+
+    def backend(_: SimulatedEngine) -> EngineBackend:
+        return EngineBackend(engine)
+
+    try:
+        async with simulated_api(embedded_model, config, backend) as (http, _):
+            response = await asyncio.wait_for(
+                http.post("/v1/chat/completions", json=chat(stream=stream)), timeout=10
+            )
+            if stream:  # the first token went out: the deadline ends the stream with an event
+                events, done = parse_sse(response.text)
+                assert not done and events[-1]["error"]["code"] == "request_timeout"
+            else:
+                assert response.status_code == 504
+                assert response.json()["error"]["code"] == "request_timeout"
+            # The engine gave one token and stood still: only the abort that closing the backend
+            # stream sends ends its request.
+            stats = engine.stats()
+            assert stats.num_running == 0 and stats.num_waiting == 0, stats
+    finally:
+        await engine.shutdown()
 
 
 async def test_a_draining_router_refuses_new_requests_and_finishes_those_in_flight(
