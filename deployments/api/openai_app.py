@@ -152,17 +152,23 @@ class _Accumulator:
         return make_usage(self.prompt_tokens, completion, self.cached_tokens)
 
 
-def completion_logprobs(items: Sequence[TokenLogprob], offset: int) -> CompletionLogprobs:
+def completion_logprobs(
+    items: Sequence[TokenLogprob], offset: int
+) -> tuple[CompletionLogprobs, int]:
+    """The completions logprobs of `items`, the first at text offset `offset`, and the offset
+    after the last. Offsets count the tokens' own text, which the output text can lag: a token
+    that ends inside a UTF-8 character shows up in the text only with the next one."""
     offsets = []
     for item in items:
         offsets.append(offset)
         offset += len(item.token)
-    return CompletionLogprobs(
+    logprobs = CompletionLogprobs(
         tokens=[i.token for i in items],
         token_logprobs=[i.logprob for i in items],
         top_logprobs=[{tok: lp for _, tok, lp in i.top} for i in items],
         text_offset=offsets,
     )
+    return logprobs, offset
 
 
 def chat_logprobs(items: Sequence[TokenLogprob]) -> ChatLogprobs:
@@ -317,7 +323,7 @@ class OpenAIApp:
                     CompletionChoice(
                         index=i,
                         text="".join(c.text),
-                        logprobs=completion_logprobs(c.logprobs, 0) if offset_logprobs else None,
+                        logprobs=completion_logprobs(c.logprobs, 0)[0] if offset_logprobs else None,
                         finish_reason=c.finish_reason,
                     )
                     for i, c in enumerate(acc.choices)
@@ -575,8 +581,9 @@ class OpenAIApp:
                 acc.add(output)
                 logprobs = None
                 if body.logprobs is not None and output.logprobs is not None:
-                    logprobs = completion_logprobs(output.logprobs, offsets[output.index])
-                offsets[output.index] += len(output.text)
+                    logprobs, offsets[output.index] = completion_logprobs(
+                        output.logprobs, offsets[output.index]
+                    )
                 yield sse.event(
                     CompletionResponse(
                         id=request_id,

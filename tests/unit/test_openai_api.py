@@ -86,6 +86,24 @@ async def test_completion_logprobs(client: httpx.AsyncClient) -> None:
     assert logprobs["text_offset"][0] == 0
 
 
+async def test_streamed_logprobs_offsets_match_the_full_response(
+    client: httpx.AsyncClient,
+) -> None:
+    """text_offset is where each token starts in the whole text, streamed or not, also after a
+    token that ends inside a UTF-8 character (its text arrives with the next chunk)."""
+    request = cmpl("Once upon a time", max_tokens=30, seed=7, temperature=0, logprobs=1)
+    full = (await client.post(CMPL, json=request)).json()["choices"][0]
+    response = await client.post(CMPL, json={**request, "stream": True})
+    events, done = parse_sse(response.text)
+    assert done
+    chunks = [e["choices"][0] for e in events]
+    # This seed's text has such a token: a chunk with no text of its own.
+    assert any(c["text"] == "" and c["logprobs"]["tokens"] for c in chunks)
+    assert "".join(c["text"] for c in chunks) == full["text"]
+    streamed = [offset for c in chunks for offset in c["logprobs"]["text_offset"]]
+    assert streamed == full["logprobs"]["text_offset"]
+
+
 async def test_repeated_prefix_reports_cached_tokens(client: httpx.AsyncClient) -> None:
     long_prompt = " ".join(f"word{i}" for i in range(80))
     first = (await client.post("/v1/chat/completions", json=chat(long_prompt, max_tokens=2))).json()
