@@ -191,12 +191,27 @@ class TextPart(BaseModel):
     text: str
 
 
+# What clients send for a tool-calling field they leave unset, or to ask for no tool use: null,
+# an empty list, or "none" (tool_choice, function_call). Anything else asks for tool calls.
+_NO_TOOL_USE: tuple[Any, ...] = (None, [], "none")
+
+
+def _no_tool_use(value: Any, info: ValidationInfo) -> Any:
+    if value not in _NO_TOOL_USE:
+        raise ValueError(f"{info.field_name} is not supported: this server does not call tools")
+    return value
+
+
 class ChatMessage(BaseModel):
     model_config = ConfigDict(extra="ignore")
 
     role: Literal["system", "developer", "user", "assistant", "tool"]
     content: str | list[TextPart] | None = None
     name: str | None = Field(None, max_length=64)
+    # An assistant turn's calls (from another server): dropping them would misstate the turn.
+    tool_calls: list[dict[str, Any]] | None = None
+
+    _no_tool_calls = field_validator("tool_calls")(_no_tool_use)
 
     def text(self) -> str:
         if isinstance(self.content, list):
@@ -217,7 +232,12 @@ class ChatCompletionRequest(_SamplingFields):
     logprobs: StrictBool = False
     top_logprobs: NonNegativeInt | None = None
     response_format: ResponseFormat | None = None
+    # Tool calling, and its deprecated functions form: refused unless they ask for no tool use.
     tools: list[dict[str, Any]] | None = None
+    tool_choice: str | dict[str, Any] | None = None
+    parallel_tool_calls: StrictBool | None = None
+    functions: list[dict[str, Any]] | None = None
+    function_call: str | dict[str, Any] | None = None
 
     @field_validator("messages")
     @classmethod
@@ -243,12 +263,9 @@ class ChatCompletionRequest(_SamplingFields):
             raise ValueError(f"response_format {response_format.type!r} is not supported")
         return response_format
 
-    @field_validator("tools")
-    @classmethod
-    def _no_tools(cls, tools: list[dict[str, Any]] | None) -> list[dict[str, Any]] | None:
-        if tools:
-            raise ValueError("tools are not supported")
-        return tools
+    _no_tools = field_validator(
+        "tools", "tool_choice", "parallel_tool_calls", "functions", "function_call"
+    )(_no_tool_use)
 
     @property
     def requested_max_tokens(self) -> int | None:

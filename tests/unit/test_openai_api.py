@@ -216,6 +216,25 @@ BAD_REQUESTS = [
     (CHAT, chat(response_format={"type": "json_object"}), 400, "response_format"),
     (CHAT, chat(response_format={"type": "yaml"}), 400, "response_format.type"),
     (CHAT, chat(tools=[{"type": "function"}]), 400, "tools"),
+    (CHAT, chat(tool_choice="required"), 400, "tool_choice"),
+    (CHAT, chat(tool_choice="auto"), 400, "tool_choice"),
+    (CHAT, chat(tool_choice={"type": "function", "function": {"name": "f"}}), 400, "tool_choice"),
+    (CHAT, chat(parallel_tool_calls=False), 400, "parallel_tool_calls"),
+    (CHAT, chat(functions=[{"name": "f", "parameters": {}}]), 400, "functions"),
+    (CHAT, chat(function_call={"name": "f"}), 400, "function_call"),
+    (CHAT, chat(function_call="auto"), 400, "function_call"),
+    (
+        CHAT,
+        {
+            "model": MODEL,
+            "messages": [
+                {"role": "user", "content": "a"},
+                {"role": "assistant", "tool_calls": [{"id": "1", "type": "function"}]},
+            ],
+        },
+        400,
+        "messages.1.tool_calls",
+    ),
     (CHAT, chat(logit_bias={"1": 5}), 400, "logit_bias"),
     (CMPL, cmpl(echo=True), 400, "echo"),
     (CMPL, cmpl(suffix="end"), 400, "suffix"),
@@ -249,6 +268,25 @@ async def test_bad_requests_get_4xx_in_openai_shape(
     response = await client.post(path, json=payload)
     assert_error(response, status, param)
     assert response.json()["error"]["type"] == "invalid_request_error"
+
+
+async def test_fields_that_ask_for_no_tool_use_are_accepted(client: httpx.AsyncClient) -> None:
+    """Clients send null, [] or "none" for the tool fields they do not use (OpenAI and vLLM
+    take tool_choice "none" without tools): those mean no tool calls, which is what we do."""
+    no_tools = chat(
+        max_tokens=1,
+        tools=[],
+        tool_choice="none",
+        parallel_tool_calls=None,
+        functions=None,
+        function_call="none",
+    )
+    no_tools["messages"] += [
+        {"role": "assistant", "content": "b", "tool_calls": []},
+        {"role": "user", "content": "c", "tool_calls": None},
+    ]
+    response = await client.post(CHAT, json=no_tools)
+    assert response.status_code == 200, response.text
 
 
 async def test_unknown_model_is_404(client: httpx.AsyncClient) -> None:
