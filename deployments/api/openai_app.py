@@ -708,8 +708,11 @@ def _check_token_ids(token_ids: Sequence[int], vocab_size: int, param: str) -> N
 
 
 def _check_content_type(content_type: str | None) -> None:
-    """JSON or nothing (a bare `curl --data-binary` sends none); a form or text body is a 415.
-    vLLM refuses anything but application/json (as a 400); `+json` media types are JSON too."""
+    """JSON or no content type (raw bytes from httpx's `content=` or requests' `data=`); a form
+    or text body is a 415, and that includes curl's `-d`/`--data-binary` without
+    `-H 'Content-Type: application/json'` (curl labels those application/x-www-form-urlencoded;
+    OpenAI takes JSON only too). vLLM refuses anything but application/json (as a 400); `+json`
+    media types are JSON too."""
     if content_type is None:
         return
     media_type = content_type.split(";", 1)[0].strip().lower()
