@@ -345,7 +345,9 @@ class OpenAIApp:
         if max_tokens is None:
             # Like vLLM: without a limit, generate until the context is full.
             max_tokens = max(served.config.max_model_len - len(prompt_ids), 1)
-        _check_context(served.config, len(prompt_ids), max_tokens, "messages")
+        _check_context(
+            served.config, len(prompt_ids), max_tokens, "messages", body.max_tokens_param
+        )
         engine_request, headers = await self._admit(
             caller, "chatcmpl", prompt_ids, body.sampling_params(max_tokens, body.engine_logprobs)
         )
@@ -679,7 +681,11 @@ class OpenAIApp:
 
 
 def _check_context(
-    model: ModelConfig, prompt_tokens: int, max_tokens: int, prompt_param: str
+    model: ModelConfig,
+    prompt_tokens: int,
+    max_tokens: int,
+    prompt_param: str,
+    max_tokens_param: str = "max_tokens",
 ) -> None:
     limit = model.max_model_len
     if prompt_tokens >= limit:
@@ -692,9 +698,10 @@ def _check_context(
     if prompt_tokens + max_tokens > limit:
         raise bad_request(
             f"This model's maximum context length is {limit} tokens; the prompt has "
-            f"{prompt_tokens} tokens and max_tokens is {max_tokens} ({prompt_tokens + max_tokens} "
-            f"in all). Lower max_tokens to at most {limit - prompt_tokens}.",
-            param="max_tokens",
+            f"{prompt_tokens} tokens and {max_tokens_param} is {max_tokens} "
+            f"({prompt_tokens + max_tokens} in all). Lower {max_tokens_param} to at most "
+            f"{limit - prompt_tokens}.",
+            param=max_tokens_param,
             code="context_length_exceeded",
         )
 

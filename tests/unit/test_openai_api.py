@@ -303,12 +303,17 @@ async def test_context_length_names_both_numbers(client: httpx.AsyncClient) -> N
         "prompt",
     )
     assert str(MAX_MODEL_LEN) in message and "tokens" in message
-    message = assert_error(
-        await client.post("/v1/chat/completions", json=chat("hi", max_tokens=MAX_MODEL_LEN)),
-        400,
-        "max_tokens",
-    )
-    assert str(MAX_MODEL_LEN) in message and f"max_tokens is {MAX_MODEL_LEN}" in message
+    # The field named is the one the client set (max_completion_tokens wins over max_tokens).
+    for limits, param in [
+        ({"max_tokens": MAX_MODEL_LEN}, "max_tokens"),
+        ({"max_completion_tokens": MAX_MODEL_LEN}, "max_completion_tokens"),
+        ({"max_completion_tokens": MAX_MODEL_LEN, "max_tokens": 1}, "max_completion_tokens"),
+    ]:
+        message = assert_error(
+            await client.post("/v1/chat/completions", json=chat("hi", **limits)), 400, param
+        )
+        assert str(MAX_MODEL_LEN) in message and f"{param} is {MAX_MODEL_LEN}" in message
+        assert f"Lower {param} to" in message
 
 
 @pytest.mark.parametrize(
