@@ -133,6 +133,28 @@ async def test_chat_stream_with_usage(client: httpx.AsyncClient) -> None:
     assert usage["choices"] == [] and usage["usage"]["completion_tokens"] == 5
 
 
+async def test_completion_stream_with_usage(client: httpx.AsyncClient) -> None:
+    response = await client.post(
+        "/v1/completions",
+        json={
+            "model": MODEL,
+            "prompt": "a b c",
+            "max_tokens": 4,
+            "n": 2,
+            "stream": True,
+            "stream_options": {"include_usage": True},
+        },
+    )
+    events, done = parse_sse(response.text)
+    assert done
+    assert all(e["object"] == "text_completion" for e in events)
+    assert all(e["usage"] is None for e in events[:-1])
+    usage = events[-1]
+    assert usage["choices"] == []
+    assert usage["usage"]["completion_tokens"] == 8  # both choices
+    assert usage["usage"]["total_tokens"] == usage["usage"]["prompt_tokens"] + 8
+
+
 async def test_completion_stream_without_usage(client: httpx.AsyncClient) -> None:
     response = await client.post(
         "/v1/completions", json={"model": MODEL, "prompt": "a b c", "max_tokens": 4, "stream": True}
