@@ -133,10 +133,12 @@ class Admission:
 
 
 def _duration(seconds: float) -> str:
-    """OpenAI's (Go's) duration form: "20ms", "1.5s", "6m0s"."""
-    if seconds < 1:
-        return f"{math.ceil(seconds * 1000)}ms"
-    if seconds < 60:
-        return f"{round(seconds, 3):g}s"
-    minutes, rest = divmod(seconds, 60)
-    return f"{int(minutes)}m{round(rest, 3):g}s"
+    """OpenAI's (Go's) duration form: "20ms", "1.5s", "6m0s". Whole milliseconds, rounded up (a
+    reset is never announced early) before the split into units, so that 59.9996 s is "1m0s"."""
+    # Rounding at the microsecond first drops float noise: 1.1 * 1000 is 1100.0000000000002.
+    ms = math.ceil(round(seconds * 1000, 3))
+    if ms < 1000:
+        return f"{ms}ms"
+    minutes, ms = divmod(ms, 60_000)
+    secs = f"{ms / 1000:g}s"
+    return f"{minutes}m{secs}" if minutes else secs

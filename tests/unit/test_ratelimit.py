@@ -42,10 +42,15 @@ def test_bucket_ignores_a_clock_that_steps_back() -> None:
     [
         (0.0, "0ms"),
         (0.0201, "21ms"),
+        (0.9996, "1s"),
         (1.0, "1s"),
+        (1.1, "1.1s"),
         (1.5, "1.5s"),
-        (360.0, "6m0s"),
+        (59.9996, "1m0s"),
+        (60.0, "1m0s"),
         (61.25, "1m1.25s"),
+        (119.9996, "2m0s"),
+        (360.0, "6m0s"),
     ],
 )
 def test_duration_is_openais_form(seconds: float, text: str) -> None:
