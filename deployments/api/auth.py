@@ -46,10 +46,6 @@ class Authenticator:
             for key in config.api_keys
         ]
 
-    @property
-    def enabled(self) -> bool:
-        return bool(self._keys)
-
     def authenticate(self, headers: Mapping[str, str]) -> Caller:
         """The caller of a request with these headers, or a 401 in OpenAI's shape."""
         if not self._keys:

@@ -63,7 +63,7 @@ class FakeHandle:
         return self.responses
 
 
-def output(index: int = 0) -> EngineOutput:
+def output() -> EngineOutput:
     return EngineOutput(request_id="r1", token_ids=(5,), text="x", num_prompt_tokens=2)
 
 
