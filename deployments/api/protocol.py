@@ -17,8 +17,6 @@ from pydantic import (
     BaseModel,
     ConfigDict,
     Field,
-    NonNegativeInt,
-    PositiveInt,
     StrictBool,
     StrictInt,
     ValidationInfo,
@@ -28,9 +26,12 @@ from pydantic import (
 from deployments.config import RequestLimits
 from deployments.engines.base import FinishReason, SamplingParams
 
-FiniteFloat = Annotated[float, Field(allow_inf_nan=False)]
-# Token ids are JSON integers: `true` or `1.0` is a client bug, not token 1.
-TokenId = Annotated[StrictInt, Field(ge=0)]
+# Numbers are JSON numbers, as OpenAI takes them: `true` is not 1 and "0.7" is not 0.7 (pydantic's
+# lax mode would convert both), and an integer field takes no `1.0`.
+FiniteFloat = Annotated[float, Field(allow_inf_nan=False, strict=True)]
+PositiveStrictInt = Annotated[StrictInt, Field(gt=0)]
+NonNegativeStrictInt = Annotated[StrictInt, Field(ge=0)]
+TokenId = NonNegativeStrictInt
 
 
 def _limits(info: ValidationInfo) -> RequestLimits:
@@ -53,9 +54,9 @@ class _SamplingFields(_Request):
     model: str = Field(min_length=1)
     temperature: FiniteFloat | None = Field(None, ge=0.0, le=2.0)
     top_p: FiniteFloat | None = Field(None, gt=0.0, le=1.0)
-    top_k: int | None = Field(None, ge=-1, description="vLLM extension; 0 or -1: off.")
-    n: PositiveInt = 1
-    seed: int | None = Field(None, ge=-(2**63), lt=2**63)
+    top_k: StrictInt | None = Field(None, ge=-1, description="vLLM extension; 0 or -1: off.")
+    n: PositiveStrictInt = 1
+    seed: StrictInt | None = Field(None, ge=-(2**63), lt=2**63)
     stop: str | list[str] | None = None
     stop_token_ids: list[TokenId] | None = None
     presence_penalty: FiniteFloat | None = Field(None, ge=-2.0, le=2.0)
@@ -140,11 +141,11 @@ class _SamplingFields(_Request):
 class CompletionRequest(_SamplingFields):
     # One prompt: text or token ids. (A batch of prompts in one request is not supported.)
     prompt: str | list[TokenId] | list[str] | list[list[TokenId]]
-    max_tokens: PositiveInt | None = 16  # OpenAI's default for completions.
-    logprobs: NonNegativeInt | None = None
+    max_tokens: PositiveStrictInt | None = 16  # OpenAI's default for completions.
+    logprobs: NonNegativeStrictInt | None = None
     echo: StrictBool = False
     suffix: str | None = None
-    best_of: PositiveInt | None = None
+    best_of: PositiveStrictInt | None = None
 
     @field_validator("prompt")
     @classmethod
@@ -227,10 +228,10 @@ class ResponseFormat(BaseModel):
 
 class ChatCompletionRequest(_SamplingFields):
     messages: list[ChatMessage] = Field(min_length=1)
-    max_tokens: PositiveInt | None = None
-    max_completion_tokens: PositiveInt | None = None
+    max_tokens: PositiveStrictInt | None = None
+    max_completion_tokens: PositiveStrictInt | None = None
     logprobs: StrictBool = False
-    top_logprobs: NonNegativeInt | None = None
+    top_logprobs: NonNegativeStrictInt | None = None
     response_format: ResponseFormat | None = None
     # Tool calling, and its deprecated functions form: refused unless they ask for no tool use.
     tools: list[dict[str, Any]] | None = None

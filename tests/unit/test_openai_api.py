@@ -197,6 +197,17 @@ BAD_REQUESTS = [
     (CHAT, chat(stream="yes"), 400, "stream"),
     (CHAT, chat(user=5), 400, "user"),
     (CHAT, chat(logprobs=5), 400, "logprobs"),
+    # JSON's true, "7" and 7.0 are not the integer 7 (nor true the number 1), as for OpenAI
+    (CHAT, chat(n=True), 400, "n"),
+    (CHAT, chat(seed=True), 400, "seed"),
+    (CHAT, chat(temperature=True), 400, "temperature"),
+    (CHAT, chat(temperature="0.7"), 400, "temperature"),
+    (CHAT, chat(max_tokens="7"), 400, "max_tokens"),
+    (CHAT, chat(max_completion_tokens=7.0), 400, "max_completion_tokens"),
+    (CHAT, chat(logprobs=True, top_logprobs=True), 400, "top_logprobs"),
+    (CHAT, chat(top_k=True), 400, "top_k"),
+    (CMPL, cmpl(logprobs=True), 400, "logprobs"),
+    (CMPL, cmpl(best_of=True), 400, "best_of"),
     # sampling ranges
     (CHAT, chat(temperature=3), 400, "temperature"),
     (CHAT, chat(temperature=-0.1), 400, "temperature"),
