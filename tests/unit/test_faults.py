@@ -4,10 +4,10 @@ events after it, overload and deadlines. The teardown checks that no engine requ
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from contextlib import aclosing
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import pytest
 
@@ -63,11 +63,17 @@ def chat(**extra: Any) -> dict[str, Any]:
     }
 
 
-def faulty(**kwargs: Any) -> tuple[list[FaultyBackend], Any]:
-    made: list[FaultyBackend] = []
+Backend = TypeVar("Backend", bound=EngineBackend)
 
-    def factory(engine: SimulatedEngine) -> FaultyBackend:
-        made.append(FaultyBackend(engine, **kwargs))
+
+def backend_of(
+    kind: Callable[..., Backend], **kwargs: Any
+) -> tuple[list[Backend], Callable[[SimulatedEngine], Backend]]:
+    """A backend factory for simulated_api, and the list that will hold the backend it made."""
+    made: list[Backend] = []
+
+    def factory(engine: SimulatedEngine) -> Backend:
+        made.append(kind(engine, **kwargs))
         return made[0]
 
     return made, factory
@@ -78,7 +84,7 @@ def faulty(**kwargs: Any) -> tuple[list[FaultyBackend], Any]:
 async def test_failures_before_the_first_output_are_retried(
     embedded_model: Path, error: type[Exception], stream: bool
 ) -> None:
-    made, factory = faulty(early_failures=2, early_error=error)
+    made, factory = backend_of(FaultyBackend, early_failures=2, early_error=error)
     async with simulated_api(embedded_model, RouterConfig(retry_attempts=3), factory) as (http, _):
         response = await http.post("/v1/chat/completions", json=chat(stream=stream))
         assert response.status_code == 200, response.text
@@ -89,7 +95,7 @@ async def test_failures_before_the_first_output_are_retried(
 
 
 async def test_retries_are_bounded(embedded_model: Path) -> None:
-    made, factory = faulty(early_failures=10)
+    made, factory = backend_of(FaultyBackend, early_failures=10)
     async with simulated_api(embedded_model, RouterConfig(retry_attempts=2), factory) as (http, _):
         response = await http.post("/v1/chat/completions", json=chat())
     assert response.status_code == 503 and "retry-after" in response.headers
@@ -98,7 +104,7 @@ async def test_retries_are_bounded(embedded_model: Path) -> None:
 
 
 async def test_overload_is_503_with_retry_after_and_not_retried(embedded_model: Path) -> None:
-    made, factory = faulty(early_failures=1, early_error=OverloadedError)
+    made, factory = backend_of(FaultyBackend, early_failures=1, early_error=OverloadedError)
     config = RouterConfig(overload_retry_after_s=7)
     async with simulated_api(embedded_model, config, factory) as (http, _):
         response = await http.post("/v1/chat/completions", json=chat())
@@ -116,7 +122,9 @@ async def test_overload_is_503_with_retry_after_and_not_retried(embedded_model: 
 async def test_failure_after_the_first_byte_ends_the_stream_with_an_error_event(
     embedded_model: Path,
 ) -> None:
-    made, factory = faulty(late_failure=UnavailableError("replica died mid-stream"))
+    made, factory = backend_of(
+        FaultyBackend, late_failure=UnavailableError("replica died mid-stream")
+    )
     async with simulated_api(embedded_model, RouterConfig(), factory) as (http, _):
         response = await http.post("/v1/chat/completions", json=chat(stream=True))
         assert response.status_code == 200
@@ -187,7 +195,7 @@ async def test_a_draining_router_refuses_new_requests_and_finishes_those_in_flig
 ) -> None:
     """SIGTERM on `serve` drains (deployments/router.py starts it): a new request is a 503 with
     Retry-After, /health says draining, and the request already in flight completes."""
-    made, factory = faulty(stall_s=0.01)
+    made, factory = backend_of(FaultyBackend, stall_s=0.01)
     router = RouterConfig(drain_retry_after_s=7)
     async with simulated_app(embedded_model, router, factory) as (http, _, api):
         in_flight = asyncio.create_task(http.post("/v1/chat/completions", json=chat(max_tokens=30)))
@@ -228,18 +236,8 @@ class FlakyStats(EngineBackend):
         return await super().stats()
 
 
-def flaky_stats(**kwargs: Any) -> tuple[list[FlakyStats], Any]:
-    made: list[FlakyStats] = []
-
-    def factory(engine: SimulatedEngine) -> FlakyStats:
-        made.append(FlakyStats(engine, **kwargs))
-        return made[0]
-
-    return made, factory
-
-
 async def test_health_retries_a_dead_replica(embedded_model: Path) -> None:
-    made, factory = flaky_stats(failures=2)
+    made, factory = backend_of(FlakyStats, failures=2)
     async with simulated_api(embedded_model, RouterConfig(retry_attempts=3), factory) as (http, _):
         response = await http.get("/health")
     assert response.status_code == 200, response.text
@@ -249,7 +247,7 @@ async def test_health_retries_a_dead_replica(embedded_model: Path) -> None:
 async def test_health_waits_for_a_hung_replica_once(embedded_model: Path) -> None:
     """health_check_timeout_s is the whole wait: the retries for dead replicas share it, so a
     hung one is not waited for retry_attempts times over."""
-    made, factory = flaky_stats(hang=True)
+    made, factory = backend_of(FlakyStats, hang=True)
     config = RouterConfig(retry_attempts=3, health_check_timeout_s=0.2)
     async with simulated_api(embedded_model, config, factory) as (http, _):
         response = await asyncio.wait_for(http.get("/health"), timeout=10)
