@@ -1,10 +1,11 @@
 """The Grafana dashboard of the cluster, generated from one list of panels.
 
 Its JSON is committed as k8s/base/dashboards/inference-cluster.json (the ConfigMap that Grafana's
-sidecar loads on Kubernetes; `inference-cluster dashboard` writes it, and installs it into the
-Grafana of a local Ray's dashboard). Every query names metrics exactly as Ray's metrics endpoint
-exports them (`ray_` + the ray.util.metrics name); tests/k8s checks the committed file against
-this module and, with a real Prometheus, that every panel's query returns data.
+sidecar loads on Kubernetes); `inference-cluster dashboard` prints it, or writes it with --out.
+Every query names metrics exactly as Ray's metrics endpoint exports them (`ray_` + the
+ray.util.metrics name); tests/k8s checks the committed file against this module, and
+tests/integration/test_observability_cluster.py checks, with a real Prometheus, that every panel's
+query returns data.
 """
 
 from __future__ import annotations

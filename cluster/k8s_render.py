@@ -14,26 +14,24 @@ from __future__ import annotations
 import copy
 import math
 import re
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import Any
 
 import yaml
 
 from cluster import ingress
-from cluster.config import EMBEDDED, ClusterConfig, KubernetesConfig
+from cluster.config import EMBEDDED, ClusterConfig, ConfigError, KubernetesConfig
 from cluster.embedded_model import MODEL_DIR_NAME
 from deployments.config import ModelConfig, ScalingConfig
 from deployments.placement import replica_placement
 
 BASE_RAYSERVICE = Path(__file__).parents[1] / "k8s" / "base" / "rayservice.yaml"
 PATCH_FILE = "rayservice-patch.yaml"
-RAYSERVICE_NAME = "inference-cluster"
 APP_NAME = "inference-cluster"  # cluster.runtime.APP_NAME: `inference-cluster status` finds it
 IMPORT_PATH = "deployments.app:build_app"
 SERVE_PORT = 8000  # the head's `serve` port in k8s/base and the Service's target
 TEMPLATE_GROUP = "gpu"
 ROUTER_GROUP = "router"
-MODEL_CACHE_MOUNT = "/models"
 # The images generate the embedded model as user `ray` into the default cache
 # (~/.cache/inference-cluster); ModelConfig expands `~` where the config loads, so the same
 # serveConfigV2 also deploys on a local Ray whose user has the model in its own cache.
@@ -103,18 +101,34 @@ def serve_config_text(config: ClusterConfig) -> str:
     return yaml.safe_dump(serve_config(config), sort_keys=False)
 
 
-def render_file(config: ClusterConfig, config_name: str, base_path: Path = BASE_RAYSERVICE) -> str:
-    base = yaml.safe_load(base_path.read_text())
+def render_file(config: ClusterConfig, config_name: str, base_path: Path | None = None) -> str:
+    base_path = base_path or BASE_RAYSERVICE
+    try:
+        base = yaml.safe_load(base_path.read_text())
+    except FileNotFoundError:
+        # The base manifests are the repository's k8s/ folder, not part of the installed package.
+        raise ConfigError(
+            f"{base_path}: not found: render-k8s patches the repository's k8s/base, so it runs "
+            "from a checkout of inference-cluster"
+        ) from None
     body = yaml.dump(render_patch(config, base), Dumper=_LiteralDumper, sort_keys=False)
     return HEADER.format(config=config_name) + body
 
 
 def _in_image(model: ModelConfig) -> ModelConfig:
-    updates = {
-        field: IMAGE_EMBEDDED_MODEL
-        for field in ("source", "tokenizer")
-        if getattr(model, field) == EMBEDDED
-    }
+    """`model` with the paths the pods see: the image's embedded model, and `~/...` again for a
+    path under this machine's home. Loading the config expanded a `~` to the renderer's home,
+    which the pods (user `ray`) do not have; a path under it, written with `~` or not, can only
+    mean the same path under the pod's home, where the pod's Serve expands `~` again. A home of
+    `/` (a container without one) would turn every absolute path into `~/...`: left alone."""
+    home = Path.home()
+    updates: dict[str, str] = {}
+    for field in ("source", "tokenizer"):
+        value = getattr(model, field)
+        if value == EMBEDDED:
+            updates[field] = IMAGE_EMBEDDED_MODEL
+        elif value is not None and home.parent != home and Path(value).is_relative_to(home):
+            updates[field] = str(PurePosixPath("~") / Path(value).relative_to(home))
     return model.model_copy(update=updates)
 
 

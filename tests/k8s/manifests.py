@@ -19,9 +19,9 @@ CRD_DIR = next(
     (p / "shared" / "k8s-schemas" for p in REPO.parents if (p / "shared" / "k8s-schemas").is_dir()),
     REPO.parent / "shared" / "k8s-schemas",
 )
-# The oldest Kubernetes minor the manifests must stay valid for (KubeRay 1.x supports >= 1.27;
-# the kubectl here is 1.32).
-KUBERNETES_VERSION = "1.32.0"
+# The oldest Kubernetes minor the manifests must stay valid for: README's "kubectl 1.27+" (KubeRay
+# 1.x supports >= 1.27). kubernetes-validate bundles each minor's schemas: no network.
+KUBERNETES_VERSION = "1.27.0"
 # Overlay -> the ClusterConfig it is rendered from.
 OVERLAYS = {
     "cpu-demo": "cluster/configs/local.yaml",
