@@ -10,7 +10,9 @@ import threading
 import time
 from pathlib import Path
 
-from cluster.config import ConfigError, default_config_path, load_config
+from pydantic import ValidationError
+
+from cluster.config import ConfigError, HTTPConfig, default_config_path, format_errors, load_config
 
 EXIT_CONFIG = 2
 EXIT_DEPLOY = 3
@@ -131,8 +133,7 @@ def _serve(args: argparse.Namespace) -> int:
 
     path = args.config or default_config_path()
     config = load_config(path)
-    updates = {k: v for k, v in (("host", args.host), ("port", args.port)) if v is not None}
-    http = config.http.model_copy(update=updates)
+    http = _http_options(config.http, host=args.host, port=args.port)
     if args.address:
         config = config.model_copy(
             update={"ray": config.ray.model_copy(update={"address": args.address})}
@@ -145,13 +146,17 @@ def _serve(args: argparse.Namespace) -> int:
     # After ray.init, which installs its own SIGTERM handler (sys.exit: no drain).
     stop = _stop_event()
     try:
-        runtime.deploy(
+        deployed = runtime.deploy(
             app_config,
             host=http.host,
             port=http.port,
             timeout_s=config.ray.deploy_timeout_s,
             on_progress=lambda line: print(f"  waiting: {line}", flush=True),
+            stop=stop,
         )
+        if not deployed:  # Ctrl-C or SIGTERM while replicas were starting: nothing to drain
+            print("stopping before the deployment was ready...", flush=True)
+            return 0
         url = f"http://{'127.0.0.1' if http.host == '0.0.0.0' else http.host}:{http.port}"
         model = app_config.models[0].name
         print(
@@ -184,6 +189,16 @@ def _serve(args: argparse.Namespace) -> int:
             serve.shutdown()  # replicas' __del__ shut their engines down (and engine processes)
         finally:
             ray.shutdown()  # a local Ray started here ends with us: no leftover processes
+
+
+def _http_options(http: HTTPConfig, *, host: str | None, port: int | None) -> HTTPConfig:
+    """`http` with the --host/--port overrides, validated as the config file's fields are (a
+    model_copy would not validate), so that a bad port exits 2 before Ray starts."""
+    updates = {k: v for k, v in (("host", host), ("port", port)) if v is not None}
+    try:
+        return HTTPConfig.model_validate(http.model_dump() | updates)
+    except ValidationError as exc:
+        raise ConfigError(f"invalid --host/--port:\n{format_errors(exc)}") from None
 
 
 def _stop_event() -> threading.Event:

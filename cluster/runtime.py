@@ -8,7 +8,10 @@ from __future__ import annotations
 import json
 import logging
 import os
+import pickle
+import threading
 import time
+import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -16,6 +19,7 @@ from typing import Any
 import ray
 from ray import serve
 from ray.experimental import internal_kv
+from ray.serve._private.common import RequestMetadata
 
 from cluster import ingress
 from cluster.config import ClusterConfig
@@ -26,7 +30,6 @@ from deployments.placement import PlacementInfeasible, check_fits
 from deployments.router import DRAIN_KEY, DRAIN_POLL_S
 
 APP_NAME = "inference-cluster"
-logger = logging.getLogger(__name__)
 
 
 class DeployError(RuntimeError):
@@ -69,8 +72,10 @@ def deploy(
     port: int,
     timeout_s: float,
     on_progress: Callable[[str], None] = lambda _: None,
-) -> None:
-    """Deploy the app and wait until every replica is ready, or raise DeployError saying why."""
+    stop: threading.Event | None = None,
+) -> bool:
+    """Deploy the app and wait until every replica is ready (True), or until `stop` is set
+    (False: the caller shuts down what started); raise DeployError saying why it failed."""
     try:
         check_fits(app_config.models, alive_node_resources())
     except PlacementInfeasible as exc:
@@ -80,26 +85,32 @@ def deploy(
     serve.start(http_options={"host": host, "port": port})
     # Non-blocking so that we can report progress and give up with a reason instead of hanging.
     serve._run(build_app(app_config), name=APP_NAME, route_prefix="/", _blocking=False)
-    wait_until_running(timeout_s, on_progress)
+    return wait_until_running(timeout_s, on_progress, stop or threading.Event())
 
 
-def wait_until_running(timeout_s: float, on_progress: Callable[[str], None]) -> None:
+def wait_until_running(
+    timeout_s: float, on_progress: Callable[[str], None], stop: threading.Event
+) -> bool:
+    """True once the app runs, False as soon as `stop` is set (a Ctrl-C or SIGTERM must not wait
+    out a deploy that can take deploy_timeout_s)."""
     deadline = time.monotonic() + timeout_s
     last = ""
     while True:
         app = serve.status().applications.get(APP_NAME)
         status = app.status if app else "NOT_STARTED"
         if status == "RUNNING":
-            return
+            return True
         detail = _pending_detail(app)
         if status in ("DEPLOY_FAILED", "UNHEALTHY"):
             raise DeployError(f"deployment failed: {app.message if app else ''} {detail}".strip())
+        if stop.is_set():
+            return False
         if detail != last:
             on_progress(detail)
             last = detail
         if time.monotonic() > deadline:
             raise DeployError(f"not ready after {timeout_s:g} s: {detail}")
-        time.sleep(1.0)
+        stop.wait(1.0)
 
 
 def _pending_detail(app: Any) -> str:
@@ -122,7 +133,7 @@ class ReplicaStatus:
     stats: dict[str, Any] | None
     error: str | None = None
     # The routers' predictions of this replica's cache vs what its engine found, in tokens
-    # summed over the requests routed here (LLMServer.record_routing_stats()["predictions"]).
+    # summed over the requests routed here (LLMServer.replica_status()["predictions"]).
     predictions: dict[str, int] | None = None
 
 
@@ -208,10 +219,24 @@ def _replica_actor_names() -> list[str]:
 def _replica_stats(actor_name: str, timeout_s: float) -> ReplicaStatus:
     try:
         actor = ray.get_actor(actor_name, namespace="serve")
-        # The replica actor's own routing-stats call runs our LLMServer.record_routing_stats.
-        routing_stats = ray.get(actor.record_routing_stats.remote(), timeout=timeout_s)
-        return ReplicaStatus(
-            actor_name, routing_stats.get("stats"), predictions=routing_stats.get("predictions")
-        )
+        status = ray.get(_call_replica(actor, "replica_status"), timeout=timeout_s)
+        return ReplicaStatus(actor_name, status["stats"], predictions=status["predictions"])
     except Exception as exc:  # a replica starting or dying is a status, not a crash
         return ReplicaStatus(actor_name, None, f"{type(exc).__name__}: {exc}"[:200])
+
+
+def _call_replica(actor: ray.actor.ActorHandle, method: str) -> ray.ObjectRef:
+    """Call `method` of the deployment's class on this one replica, through the replica actor's
+    entry point for handle calls (as Ray LLM's broadcast utility does). A DeploymentHandle cannot
+    address a given replica, and its broadcast() would build our request router (KV index,
+    tracer) in this process; the actor's own record_routing_stats would run
+    LLMServer.record_routing_stats, whose calls pick which window carries the routers' KV
+    snapshot (Serve's controller polls it for the routers)."""
+    request_id = f"inference-cluster-status-{uuid.uuid4().hex}"
+    metadata = RequestMetadata(
+        request_id=request_id,
+        internal_request_id=request_id,
+        call_method=method,
+        app_name=APP_NAME,
+    )
+    return actor.handle_request.remote(pickle.dumps(metadata))

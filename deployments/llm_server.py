@@ -195,6 +195,15 @@ class LLMServer:
         await self._engine.check_health()
         return self._engine.stats()
 
+    def replica_status(self) -> dict[str, Any]:
+        """Engine stats and the routers' predictions, for `inference-cluster status` and `serve`'s
+        drain. Free of side effects: a call of record_routing_stats advances the version that
+        picks which window carries the routers' KV snapshot."""
+        return {
+            "stats": self._engine.stats().model_dump(),
+            "predictions": self._predictions.totals(),
+        }
+
     def record_routing_stats(self) -> dict[str, Any]:
         """Engine stats and the newest window of KV cache events, for every router replica
         (Serve's controller polls this and broadcasts it; see deployments/routing/kv_log.py)."""
@@ -206,9 +215,8 @@ class LLMServer:
             # Serve re-sends every replica's last stats whenever any replica changes; the version
             # lets routers tell a fresh snapshot from a replay of one they already applied.
             "version": self._stats_version,
-            "stats": self._engine.stats().model_dump(),
             "kv_events": self._kv_log.window(with_snapshot=snapshot),
-            "predictions": self._predictions.totals(),
+            **self.replica_status(),
         }
 
     def record_autoscaling_stats(self) -> dict[str, float]:

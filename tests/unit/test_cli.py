@@ -2,13 +2,20 @@
 
 from __future__ import annotations
 
+import os
+import pickle
+import signal
+import types
+from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 import yaml
 
-from cluster import k8s_render
+from cluster import k8s_render, runtime
 from cluster.cli import EXIT_CONFIG, main
+from deployments.llm_server import LLMServer
 
 MODEL = {
     "name": "m",
@@ -24,6 +31,112 @@ def write_config(tmp_path: Path, **model: object) -> Path:
     # A short deploy timeout: a `serve` that missed a stop request fails fast with exit 3.
     path.write_text(yaml.safe_dump({"models": [MODEL | model], "ray": {"deploy_timeout_s": 1}}))
     return path
+
+
+@pytest.fixture
+def signal_handlers() -> Iterator[None]:
+    """`serve` installs its own SIGINT/SIGTERM handlers: give pytest its own back."""
+    saved = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
+    yield
+    for sig, handler in saved.items():
+        signal.signal(sig, handler)
+
+
+@pytest.mark.parametrize("port", ["70000", "-1", "0"])
+def test_serve_refuses_a_bad_port_before_starting_ray(
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+    port: str,
+) -> None:
+    def start_ray(config: object) -> None:
+        raise AssertionError("Ray started with an invalid --port")
+
+    monkeypatch.setattr(runtime, "start_ray", start_ray)
+    assert main(["serve", "--config", str(write_config(tmp_path)), "--port", port]) == EXIT_CONFIG
+    assert "port:" in capsys.readouterr().err
+
+
+def test_sigterm_during_the_deploy_wait_stops_serve(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, signal_handlers: None
+) -> None:
+    """A SIGTERM while replicas start ends `serve` cleanly (exit 0, Serve and Ray shut down),
+    not after deploy_timeout_s with a deploy error (exit 3)."""
+    shut_down: list[str] = []
+    pending = types.SimpleNamespace(status="DEPLOYING", message="", deployments={})
+    monkeypatch.setattr(runtime, "start_ray", lambda config: None)
+    monkeypatch.setattr(runtime, "alive_node_resources", lambda: [{"CPU": 8.0}])
+    monkeypatch.setattr(runtime, "build_app", lambda app_config: None)
+    monkeypatch.setattr(runtime.internal_kv, "_internal_kv_del", lambda *a, **k: None)
+    monkeypatch.setattr(runtime.serve, "start", lambda **kwargs: None)
+    # The signal arrives once the app is submitted, while `serve` waits for its replicas.
+    monkeypatch.setattr(runtime.serve, "_run", lambda *a, **k: os.kill(os.getpid(), signal.SIGTERM))
+    monkeypatch.setattr(
+        runtime.serve,
+        "status",
+        lambda: types.SimpleNamespace(applications={runtime.APP_NAME: pending}),
+    )
+    monkeypatch.setattr(runtime.serve, "shutdown", lambda: shut_down.append("serve"))
+    monkeypatch.setattr(runtime.ray, "shutdown", lambda: shut_down.append("ray"))
+
+    assert main(["serve", "--config", str(write_config(tmp_path))]) == 0
+    assert shut_down == ["serve", "ray"]
+
+
+class _KVLog:
+    def extend(self, events: list[Any]) -> None:
+        pass
+
+    def window(self, with_snapshot: bool) -> dict[str, bool]:
+        return {"snapshot": with_snapshot}
+
+
+class _StatsOnlyServer(LLMServer):
+    """An LLMServer's stats state, without an engine process or Ray."""
+
+    def __init__(self, kv_snapshot_every: int) -> None:
+        stats = types.SimpleNamespace(model_dump=lambda: {"num_running": 0, "num_waiting": 0})
+        self._kv_log = _KVLog()
+        self._stats_version = 0
+        self._engine = types.SimpleNamespace(drain_kv_events=lambda: [], stats=lambda: stats)
+        self._model = types.SimpleNamespace(
+            routing=types.SimpleNamespace(kv_snapshot_every=kv_snapshot_every)
+        )
+        self._telemetry = types.SimpleNamespace(stats=lambda s: None)
+        self._predictions = types.SimpleNamespace(totals=lambda: {"predicted_cached_tokens": 0})
+
+    def __del__(self) -> None:
+        """No engine to shut down."""
+
+
+class _ReplicaActor:
+    """Ray Serve's replica actor around `server`: its routing-stats call, and its entry point
+    for handle calls, which runs the method the request metadata names."""
+
+    def __init__(self, server: LLMServer) -> None:
+        self.record_routing_stats = types.SimpleNamespace(remote=server.record_routing_stats)
+        self.handle_request = types.SimpleNamespace(
+            remote=lambda metadata: getattr(server, pickle.loads(metadata).call_method)()
+        )
+
+
+def test_status_leaves_the_routers_kv_snapshot_turns_alone(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Every kv_snapshot_every-th record_routing_stats call carries the KV snapshot that a
+    restarted router waits for: `status` and the drain loop must not take one of those turns."""
+    server = _StatsOnlyServer(kv_snapshot_every=3)
+    monkeypatch.setattr(runtime.ray, "get_actor", lambda name, namespace: _ReplicaActor(server))
+    monkeypatch.setattr(runtime.ray, "get", lambda result, timeout: result)
+
+    polls = []
+    for _ in range(7):
+        polls.append(server.record_routing_stats())  # Serve's controller
+        status = runtime._replica_stats("SERVE_REPLICA::inference-cluster#LLMServer-m#a", 1.0)
+        assert status.stats == {"num_running": 0, "num_waiting": 0}, status.error
+        assert status.predictions == {"predicted_cached_tokens": 0}
+    assert [p["version"] for p in polls] == list(range(1, 8))
+    assert [p["kv_events"]["snapshot"] for p in polls] == [i % 3 == 0 for i in range(7)]
 
 
 def test_render_k8s_writes_paths_under_home_for_the_pods_home(
