@@ -502,7 +502,10 @@ class RouterConfig(StrictModel):
         "serve`) answers new requests with while its in-flight ones finish.",
     )
     health_check_timeout_s: PositiveFloat = Field(
-        10.0, description="How long GET /health waits for each model's replicas."
+        10.0,
+        description="How long GET /health waits, in all, for some replica of each model to "
+        "answer (models are checked in parallel; retries of replicas that fail fast share this "
+        "time).",
     )
     autoscaling: RouterScalingConfig = Field(
         default_factory=RouterScalingConfig,

@@ -31,17 +31,13 @@ from deployments.routing.policies import (
 
 @dataclass(frozen=True, slots=True)
 class ReplicaView:
-    """What the router knows about one candidate replica when it routes a request.
-
-    `num_running`, `num_waiting` and `kv_cache_usage` come from the replica's last reported stats
-    (so they can be stale); `in_flight` is the router's own, always current, count of requests it
-    sent there that have not finished.
+    """What the router knows about one candidate replica when it routes a request: `in_flight`
+    is the router's own, always current, count of requests it sent there that have not finished.
+    The replica's reported stats reach a policy through `on_replica_stats` instead (they can be
+    stale, and a policy keeps what it needs of them).
     """
 
     replica_id: str
-    num_running: int = 0
-    num_waiting: int = 0
-    kv_cache_usage: float = 0.0
     in_flight: int = 0
 
 

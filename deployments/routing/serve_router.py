@@ -230,14 +230,7 @@ class PolicyRequestRouter(FIFOMixin, RequestRouter):
 
     def _view(self, replica: RunningReplica) -> ReplicaView:
         replica_id = replica.replica_id.unique_id
-        stats = self._stats.get(replica_id)
-        return ReplicaView(
-            replica_id=replica_id,
-            num_running=stats.num_running if stats else 0,
-            num_waiting=stats.num_waiting if stats else 0,
-            kv_cache_usage=stats.kv_cache_usage if stats else 0.0,
-            in_flight=self._in_flight.get(replica_id, 0),
-        )
+        return ReplicaView(replica_id, in_flight=self._in_flight.get(replica_id, 0))
 
     async def choose_replicas(
         self,

@@ -36,7 +36,7 @@ from collections.abc import Callable, Coroutine, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
-from deployments.engines.base import EngineRequest, EngineStats, SamplingParams
+from deployments.engines.base import EngineRequest, SamplingParams
 from deployments.engines.profiles import PerformanceProfile
 from deployments.engines.simulated import SampledToken, SimulatedEngineCore
 from deployments.routing.hashing import block_hashes
@@ -199,7 +199,6 @@ class _Replica:
         "in_flight_since",
         "outputs",
         "replica_id",
-        "stats",
         "stepping",
         "view",
     )
@@ -207,8 +206,7 @@ class _Replica:
     def __init__(self, replica_id: str, core: SimulatedEngineCore) -> None:
         self.replica_id = replica_id
         self.core = core
-        self.stats: EngineStats | None = None  # as last reported to the router
-        self.view: ReplicaView | None = None  # cached until its stats or in-flight count change
+        self.view: ReplicaView | None = None  # cached until its in-flight count changes
         self.in_flight = 0
         # The integral of in_flight over time, up to in_flight_since.
         self.in_flight_s = 0.0
@@ -230,21 +228,9 @@ class _Replica:
         self.view = None
 
     def current_view(self) -> ReplicaView:
-        view = self.view
-        if view is None:
-            stats = self.stats
-            if stats is None:
-                view = ReplicaView(self.replica_id, in_flight=self.in_flight)
-            else:
-                view = ReplicaView(
-                    self.replica_id,
-                    stats.num_running,
-                    stats.num_waiting,
-                    stats.kv_cache_usage,
-                    self.in_flight,
-                )
-            self.view = view
-        return view
+        if self.view is None:
+            self.view = ReplicaView(self.replica_id, in_flight=self.in_flight)
+        return self.view
 
 
 class _SessionRun:
@@ -554,10 +540,7 @@ class _Run:
             events = replica.core.drain_kv_events()
             if events:
                 policy.on_kv_events(replica.replica_id, events)
-            stats = replica.core.stats()
-            replica.stats = stats
-            replica.view = None
-            policy.on_replica_stats(replica.replica_id, stats)
+            policy.on_replica_stats(replica.replica_id, replica.core.stats())
         if self._remaining:
             self._push(t + self._fleet.stats_period_s, _STATS, None)
 
