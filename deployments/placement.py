@@ -131,28 +131,53 @@ def _fmt(resources: Mapping[str, float]) -> str:
 
 
 def replicas_that_fit(placement: ReplicaPlacement, free: Sequence[Mapping[str, float]]) -> int:
-    """How many more replicas fit in the nodes' free resources: bundles placed greedily (first
-    node that fits), a replica counted only when all its bundles found room. STRICT_PACK keeps a
-    replica's bundles on one node. Bounded by 1024 (more is "unbounded" for any policy here)."""
+    """How many more replicas fit in the nodes' free resources, one replica after the other, a
+    replica counted only when all its bundles found room. STRICT_PACK: all on the first node
+    that fits. PACK: the first bundle, the one that differs, goes to the node that leaves room
+    for the most worker bundles afterwards (one try per distinct free shape, so that a large
+    uniform cluster costs a few tries), the workers to the first node that fits; first fit
+    alone put a larger first bundle where it stranded a worker. A heuristic (packing is
+    NP-hard), exact for one replica. Bounded by 1024 (more is "unbounded" for any policy
+    here)."""
     nodes = [dict(node) for node in free]
     count = 0
     while count < 1024:
-        trial = [dict(node) for node in nodes]
-        if placement.strategy == "STRICT_PACK":
-            need = placement.total()
-            host = next((node for node in trial if _covers(node, need)), None)
-            if host is None:
-                return count
-            _take(host, need)
-        else:
-            for bundle in placement.bundles:
-                host = next((node for node in trial if _covers(node, bundle)), None)
-                if host is None:
-                    return count
-                _take(host, bundle)
-        nodes = trial
+        placed = _place_one(placement, nodes)
+        if placed is None:
+            return count
+        nodes = placed
         count += 1
     return count
+
+
+def _place_one(
+    placement: ReplicaPlacement, nodes: Sequence[dict[str, float]]
+) -> list[dict[str, float]] | None:
+    """The nodes' free resources after placing one replica, or None when it does not fit."""
+    if placement.strategy == "STRICT_PACK":
+        bundles = [placement.total()]
+    else:
+        bundles = list(placement.bundles)
+    hosts: dict[tuple[tuple[str, float], ...], int] = {}  # free shape -> its first node
+    for i, node in enumerate(nodes):
+        if _covers(node, bundles[0]):
+            hosts.setdefault(tuple(sorted(node.items())), i)
+            if len(bundles) == 1:
+                break
+    best: tuple[int, list[dict[str, float]]] | None = None
+    for first in hosts.values():
+        trial = [dict(node) for node in nodes]
+        _take(trial[first], bundles[0])
+        for bundle in bundles[1:]:
+            host = next((free for free in trial if _covers(free, bundle)), None)
+            if host is None:
+                break
+            _take(host, bundle)
+        else:
+            room = sum(_copies(free, bundles[-1]) for free in trial)
+            if best is None or room > best[0]:
+                best = (room, trial)
+    return None if best is None else best[1]
 
 
 def _take(node: dict[str, float], need: Mapping[str, float]) -> None:

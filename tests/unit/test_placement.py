@@ -7,7 +7,12 @@ from typing import Any
 import pytest
 
 from deployments.config import ModelConfig
-from deployments.placement import PlacementInfeasible, check_fits, replica_placement
+from deployments.placement import (
+    PlacementInfeasible,
+    check_fits,
+    replica_placement,
+    replicas_that_fit,
+)
 
 
 def model(**overrides: Any) -> ModelConfig:
@@ -87,3 +92,6 @@ def test_pipeline_stages_fit_when_the_first_bundle_goes_to_the_right_node() -> N
     stages = model(pipeline_parallel_size=3, cpus_per_worker=4, replica_cpus=2)
     assert replica_placement(stages).bundles[0] == {"CPU": 6.0, "GPU": 1.0}
     check_fits([stages], nodes)
+    # The autoscaler's count of spare replicas places them the same way.
+    assert replicas_that_fit(replica_placement(stages), nodes) == 1
+    assert replicas_that_fit(replica_placement(stages), [*nodes, *nodes]) == 2
