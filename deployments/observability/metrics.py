@@ -119,17 +119,25 @@ class ReplicaMetrics:
             metric.set_default_tags(tags)
         for counter in (self.prefix_hits, self.prefix_queries):
             counter.set_default_tags(tags)
-        self._cost: metrics.Gauge | None = None
+        self._cost: tuple[metrics.Gauge, float] | None = None  # the gauge and its value
         if cost_per_hour_usd is not None:
-            self._cost = metrics.Gauge(
+            cost = metrics.Gauge(
                 "replica_cost_per_hour_usd",
                 description="Accelerator price of this replica (accelerators x configured price).",
                 tag_keys=keys,
             )
-            self._cost.set(cost_per_hour_usd, tags=tags)
+            cost.set_default_tags(tags)
+            cost.set(cost_per_hour_usd)
+            self._cost = (cost, cost_per_hour_usd)
         self._hits = self._queries = 0
 
     def update(self, stats: EngineStats) -> None:
+        if self._cost is not None:
+            # Set again with the others although it never changes: Ray's metrics agent drops a
+            # gauge value that no export refreshed within two report intervals (a cost panel
+            # once had no data for 120 s on a loaded machine while these gauges did).
+            gauge, value = self._cost
+            gauge.set(value)
         self.waiting.set(stats.num_waiting)
         self.running.set(stats.num_running)
         self.kv_usage.set(stats.kv_cache_usage)
