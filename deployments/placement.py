@@ -8,7 +8,7 @@ as data so it is tested without a cluster.
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Literal
 
@@ -100,14 +100,26 @@ def _most_bundles_placed(placement: ReplicaPlacement, nodes: Sequence[Mapping[st
     try each node as the first bundle's host and fill all the nodes with workers."""
     first, *workers = placement.bundles
     best = 0
-    for i, host in enumerate(nodes):
-        if not _covers(host, first):
-            continue
-        left = {r: host.get(r, 0.0) - first.get(r, 0.0) for r in host}
-        room = [left if j == i else node for j, node in enumerate(nodes)]
+    for room in _with_first_bundle(nodes, first):
         copies = sum(_copies(node, workers[0]) for node in room) if workers else 0
         best = max(best, 1 + min(copies, len(workers)))
     return best
+
+
+def _with_first_bundle(
+    nodes: Sequence[Mapping[str, float]], first: Mapping[str, float]
+) -> Iterator[list[dict[str, float]]]:
+    """The nodes' resources with `first` taken from each node that can host it in turn, one
+    try per distinct free shape (nodes alike give the same outcome, and a large uniform cluster
+    costs a few tries)."""
+    hosts: dict[tuple[tuple[str, float], ...], int] = {}  # free shape -> its first node
+    for i, node in enumerate(nodes):
+        if _covers(node, first):
+            hosts.setdefault(tuple(sorted(node.items())), i)
+    for host in hosts.values():
+        room = [dict(node) for node in nodes]
+        _take(room[host], first)
+        yield room
 
 
 def _copies(node: Mapping[str, float], bundle: Mapping[str, float]) -> int:
@@ -134,8 +146,7 @@ def replicas_that_fit(placement: ReplicaPlacement, free: Sequence[Mapping[str, f
     """How many more replicas fit in the nodes' free resources, one replica after the other, a
     replica counted only when all its bundles found room. STRICT_PACK: all on the first node
     that fits. PACK: the first bundle, the one that differs, goes to the node that leaves room
-    for the most worker bundles afterwards (one try per distinct free shape, so that a large
-    uniform cluster costs a few tries), the workers to the first node that fits; first fit
+    for the most worker bundles afterwards, the workers to the first node that fits; first fit
     alone put a larger first bundle where it stranded a worker. A heuristic (packing is
     NP-hard), exact for one replica. Bounded by 1024 (more is "unbounded" for any policy
     here)."""
@@ -154,27 +165,18 @@ def _place_one(
     placement: ReplicaPlacement, nodes: Sequence[dict[str, float]]
 ) -> list[dict[str, float]] | None:
     """The nodes' free resources after placing one replica, or None when it does not fit."""
-    if placement.strategy == "STRICT_PACK":
-        bundles = [placement.total()]
-    else:
-        bundles = list(placement.bundles)
-    hosts: dict[tuple[tuple[str, float], ...], int] = {}  # free shape -> its first node
-    for i, node in enumerate(nodes):
-        if _covers(node, bundles[0]):
-            hosts.setdefault(tuple(sorted(node.items())), i)
-            if len(bundles) == 1:
-                break
+    if placement.strategy == "STRICT_PACK":  # one bundle: the first node that fits it
+        return next(_with_first_bundle(nodes, placement.total()), None)
+    first, *workers = placement.bundles
     best: tuple[int, list[dict[str, float]]] | None = None
-    for first in hosts.values():
-        trial = [dict(node) for node in nodes]
-        _take(trial[first], bundles[0])
-        for bundle in bundles[1:]:
+    for trial in _with_first_bundle(nodes, first):
+        for bundle in workers:
             host = next((free for free in trial if _covers(free, bundle)), None)
             if host is None:
                 break
             _take(host, bundle)
         else:
-            room = sum(_copies(free, bundles[-1]) for free in trial)
+            room = sum(_copies(free, placement.bundles[-1]) for free in trial)
             if best is None or room > best[0]:
                 best = (room, trial)
     return None if best is None else best[1]
