@@ -5,6 +5,8 @@ It is the deployments' AppConfig (router + models) plus how to reach Ray and whe
 
 from __future__ import annotations
 
+import ipaddress
+import re
 from importlib import resources
 from pathlib import Path
 
@@ -16,6 +18,7 @@ from pydantic import (
     PositiveFloat,
     PositiveInt,
     ValidationError,
+    field_validator,
 )
 
 from deployments.config import AppConfig, ModelConfig, StrictModel
@@ -50,9 +53,30 @@ class RayConfig(StrictModel):
     )
 
 
+# A DNS name (RFC 1123): dot-separated labels of letters, digits and inner hyphens.
+_HOSTNAME = re.compile(
+    r"(?=.{1,253}$)[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?(\.[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?)*"
+)
+
+
 class HTTPConfig(StrictModel):
-    host: str = Field("127.0.0.1", description="Address the OpenAI API listens on.")
+    host: str = Field(
+        "127.0.0.1",
+        description="Address the OpenAI API listens on: an IP address (0.0.0.0 or :: for all "
+        "interfaces) or a host name.",
+    )
     port: PositiveInt = Field(8000, le=65535, description="Port of the OpenAI API.")
+
+    @field_validator("host")
+    @classmethod
+    def _an_address(cls, host: str) -> str:
+        """Refused here, not when Serve's proxy fails to bind minutes into a deploy."""
+        try:
+            ipaddress.ip_address(host)
+        except ValueError:
+            if not _HOSTNAME.fullmatch(host):
+                raise ValueError(f"{host!r} is neither an IP address nor a host name") from None
+        return host
 
 
 class IngressConfig(StrictModel):

@@ -42,19 +42,30 @@ def signal_handlers() -> Iterator[None]:
         signal.signal(sig, handler)
 
 
-@pytest.mark.parametrize("port", ["70000", "-1", "0"])
-def test_serve_refuses_a_bad_port_before_starting_ray(
+@pytest.mark.parametrize(
+    ("option", "value"),
+    [
+        ("--port", "70000"),
+        ("--port", "-1"),
+        ("--port", "0"),
+        ("--host", "http://0.0.0.0"),
+        ("--host", "10.0.0.1:8000"),
+        ("--host", ""),
+    ],
+)
+def test_serve_refuses_a_bad_listen_address_before_starting_ray(
     tmp_path: Path,
     monkeypatch: pytest.MonkeyPatch,
     capsys: pytest.CaptureFixture[str],
-    port: str,
+    option: str,
+    value: str,
 ) -> None:
     def start_ray(config: object) -> None:
-        raise AssertionError("Ray started with an invalid --port")
+        raise AssertionError(f"Ray started with an invalid {option}")
 
     monkeypatch.setattr(runtime, "start_ray", start_ray)
-    assert main(["serve", "--config", str(write_config(tmp_path)), "--port", port]) == EXIT_CONFIG
-    assert "port:" in capsys.readouterr().err
+    assert main(["serve", "--config", str(write_config(tmp_path)), option, value]) == EXIT_CONFIG
+    assert f"{option.removeprefix('--')}:" in capsys.readouterr().err
 
 
 def test_sigterm_during_the_deploy_wait_stops_serve(
