@@ -37,7 +37,7 @@ def kustomize(overlay: str) -> list[dict[str, Any]]:
 @cache
 def _kustomize_text(overlay: str) -> str:
     kubectl = shutil.which("kubectl")
-    assert kubectl, "kubectl is missing: `make test` installs it (Debian package kubectl)"
+    assert kubectl, "kubectl is missing: `make tools` installs it (see the Makefile)"
     result = subprocess.run(
         [kubectl, "kustomize", str(REPO / "k8s" / "overlays" / overlay)],
         capture_output=True,
