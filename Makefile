@@ -20,11 +20,11 @@ $(STAMP): pyproject.toml requirements-cpu.lock
 	$(BIN)/pip uninstall -q -y torchvision torchaudio torchcodec 2>/dev/null || true
 	@touch $(STAMP)
 
-# Debian packages the tests run: kubectl renders the k8s overlays offline; Prometheus scrapes a
-# local cluster for the dashboard test. Installed when missing, so a fresh machine passes too.
-# Debian itself has no kubectl package (its kubernetes-client is 1.20, whose kustomize cannot read
-# the overlays): `apt-get install kubectl` works where a Kubernetes or Google Cloud apt repository
-# is configured, as on these machines (package 1:528.0.0-0, kubectl 1.32); elsewhere, a clear stop.
+# Tools the tests run, from apt when missing so a fresh machine passes too: kubectl renders the k8s
+# overlays offline; Prometheus (Debian's) scrapes a local cluster for the dashboard test. Debian
+# has no kubectl package (its kubernetes-client is 1.20, whose kustomize cannot read the overlays):
+# `apt-get install kubectl` works where a Kubernetes or Google Cloud apt repository is configured,
+# as on these machines (package 1:528.0.0-0, kubectl 1.32); elsewhere, a clear stop.
 tools:
 	@command -v kubectl >/dev/null || { apt-get update -qq && apt-get install -y -qq kubectl; } || \
 		{ echo "make: kubectl 1.27+ is needed (k8s tests): install it from pkgs.k8s.io" >&2; exit 1; }

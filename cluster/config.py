@@ -53,10 +53,10 @@ class RayConfig(StrictModel):
     )
 
 
-# A DNS name (RFC 1123): dot-separated labels of letters, digits and inner hyphens.
-_HOSTNAME = re.compile(
-    r"(?=.{1,253}$)[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?(\.[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?)*"
-)
+# A DNS name (RFC 1123): up to 253 characters of dot-separated labels, each 1-63 letters, digits
+# and inner hyphens.
+_LABEL = r"[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?"
+_HOSTNAME = re.compile(rf"(?=.{{1,253}}$){_LABEL}(\.{_LABEL})*")
 
 
 class HTTPConfig(StrictModel):
