@@ -203,9 +203,9 @@ def bursty_rate(
 ) -> Callable[[float], float]:
     """A rate (req/s at a time) of `base_rate`, with bursts at `burst_rate` lasting `burst_s`,
     each starting an exponential gap of mean `mean_gap_s` after the previous one ends (so one
-    per `burst_s + mean_gap_s` on average): the load steps up by
-    burst_rate / base_rate at moments nobody announced, as a batch job or a launch does. The
-    bursts are drawn from `rng`; `inhomogeneous_poisson` turns the rate into arrivals."""
+    per `burst_s + mean_gap_s` on average): the load steps up by burst_rate / base_rate at
+    moments nobody announced, as a batch job or a launch does. The bursts are drawn from `rng`;
+    `inhomogeneous_poisson` turns the rate into arrivals."""
     bursts: list[float] = []
     t = rng.expovariate(1 / mean_gap_s)
     while t < duration_s:
