@@ -1,13 +1,13 @@
 """Autoscaling policies side by side in the simulator: `python -m loadtest.bench_autoscaling`.
 
-The fleet is N simulated 8B/H100 replicas (deployments/engines/profiles.py) behind the pow2
-router; every request is a random 1024-token prompt (no shared prefix) and 256 output tokens.
-A replica an autoscaler adds becomes routable REPLICA_START_S later, the same for every policy,
-and every autoscaler starts the trace with the replicas its first window needs. Each policy sees
-the load the way it does on Ray: what the replicas report (running, waiting, requests finished
-per second, KV usage) plus requests queued at the router, recorded on the replicas' schedule,
-pushed to the controller every metrics interval and averaged over its look-back window
-(loadtest/simulator/ray_autoscaler.py: MetricWindow).
+The fleet is N simulated 8B/H100 replicas (deployments/engines/profiles.py) behind a routing
+policy (--router, ROUTER by default); every request is a random 1024-token prompt (no shared
+prefix) and 256 output tokens. A replica an autoscaler adds becomes routable REPLICA_START_S
+later, the same for every policy, and every autoscaler starts the trace with the replicas its
+first window needs. Each policy sees the load the way it does on Ray: what the replicas report
+(running, waiting, requests finished per second, KV usage) plus requests queued at the router,
+recorded on the replicas' schedule, pushed to the controller every metrics interval and averaged
+over its look-back window (loadtest/simulator/ray_autoscaler.py: MetricWindow).
 
 Traces (TRACES): "bursty", 40 req/s with unannounced 4x bursts of two minutes; "diurnal", a day
 compressed into 10 minutes, 20 req/s at night to 160 in the afternoon.
@@ -78,6 +78,7 @@ from deployments.autoscaling import (
 )
 from deployments.config import ModelAutoscalingConfig
 from deployments.engines.profiles import LLAMA_8B_H100
+from deployments.routing.policy import POLICIES as ROUTERS
 from deployments.routing.policy import create_policy
 from loadtest.arrivals import bursty_rate, diurnal_rate, inhomogeneous_poisson
 from loadtest.metrics import latencies, nearest_rank
@@ -86,6 +87,9 @@ from loadtest.simulator.ray_autoscaler import MetricWindow, RayAutoscalingConfig
 from loadtest.spec import RequestRecord, Session, Turn
 
 PROFILE = LLAMA_8B_H100
+# Ray Serve's default router, so that the policies differ and nothing else. Behind ours
+# (cache_load), a replica the autoscaler adds is flooded: see the README's autoscaling section.
+ROUTER = "pow2"
 INPUT_TOKENS, OUTPUT_TOKENS = 1024, 256
 SLO_TTFT_S = 2.0
 WINDOW_S = 10.0
@@ -271,10 +275,11 @@ def instant(rate: Callable[[float], float], per_replica: float) -> Callable[...,
 
 
 def run(
-    trace: str, seed: int, policy: str, param: float, initial: int
+    trace: str, seed: int, policy: str, param: float, initial: int, router: str = ROUTER
 ) -> tuple[str, float, SimulationResult]:
     """One simulation of the whole trace: `policy` is fixed (param = replicas), ours, ours-rate,
-    ray or instant (param = the per-replica target, starting from `initial` replicas)."""
+    ray or instant (param = the per-replica target, starting from `initial` replicas), behind
+    the routing policy named `router`."""
     times = trace_times(trace, seed)
     hook = None
     if policy == "instant":
@@ -286,15 +291,19 @@ def run(
     elif policy == "ray":
         hook = ray(RayAutoscalingConfig(target_ongoing_requests=param, max_replicas=MAX_REPLICAS))
     replicas = int(param) if policy == "fixed" else initial
-    return policy, param, _simulate(replicas, times, seed, hook)
+    return policy, param, _simulate(replicas, times, seed, hook, router)
 
 
 def _simulate(
-    replicas: int, times: Sequence[float], seed: int, hook: Callable[..., Any] | None = None
+    replicas: int,
+    times: Sequence[float],
+    seed: int,
+    hook: Callable[..., Any] | None = None,
+    router: str = ROUTER,
 ) -> SimulationResult:
     return simulate(
         FleetSpec(PROFILE, replicas),
-        create_policy("pow2", rng=random.Random(f"policy-{seed}")),
+        create_policy(router, rng=random.Random(f"policy-{seed}")),
         sessions(len(times), seed),
         times,
         autoscaler=hook,
@@ -396,33 +405,33 @@ def outcome(
     )
 
 
-Job = tuple[str, int, str, float, int]  # the arguments of `run`
+Job = tuple[str, int, str, float, int, str]  # the arguments of `run`
 POLICIES = ("fixed", "ray", "ours", "ours-rate", "instant")
 
 
 def plan(
-    trace: str, seed: int, policies: Sequence[str], capacity: float
+    trace: str, seed: int, policies: Sequence[str], capacity: float, router: str = ROUTER
 ) -> tuple[list[int], list[Job]]:
-    """The trace's oracle per window, and the simulations its rows need."""
+    """The trace's oracle per window, and the simulations its rows need (behind `router`)."""
     duration = TRACES[trace].duration_s
     oracle = window_oracle(trace_times(trace, seed), duration, capacity)
     # Every autoscaler starts with the fleet the first window needs (the service was up before
     # the trace began) and pays the same REPLICA_START_S for every replica it adds.
     initial = oracle[0]
-    jobs: list[Job] = []
+    runs: list[tuple[str, float]] = []
     if "ray" in policies:
-        jobs += [(trace, seed, "ray", target, initial) for target in RAY_TARGETS]
+        runs += [("ray", target) for target in RAY_TARGETS]
     if "ours" in policies:
-        jobs.append((trace, seed, "ours", OUR_TARGET, initial))
+        runs.append(("ours", OUR_TARGET))
     if "ours-rate" in policies:
-        jobs.append((trace, seed, "ours-rate", RATE_UTILIZATION * capacity, initial))
+        runs.append(("ours-rate", RATE_UTILIZATION * capacity))
     if "instant" in policies:
-        jobs += [(trace, seed, "instant", u * capacity, initial) for u in INSTANT_UTILIZATIONS]
+        runs += [("instant", u * capacity) for u in INSTANT_UTILIZATIONS]
     if "fixed" in policies:
         # A fleet sized for the peak: the busiest window's oracle, and one more in case a
         # window needs it with the whole trace's history.
-        jobs += [(trace, seed, "fixed", max(oracle) + extra, initial) for extra in (0, 1)]
-    return oracle, jobs
+        runs += [("fixed", max(oracle) + extra) for extra in (0, 1)]
+    return oracle, [(trace, seed, policy, param, initial, router) for policy, param in runs]
 
 
 def summarize(
@@ -506,6 +515,12 @@ def main(argv: list[str] | None = None) -> int:
         help="Policies to run (default: all; the oracle always runs).",
     )
     parser.add_argument(
+        "--router",
+        choices=sorted(ROUTERS),
+        default=ROUTER,
+        help=f"Routing policy in front of the replicas (default {ROUTER}, Ray Serve's).",
+    )
+    parser.add_argument(
         "--replica-capacity",
         type=float,
         default=None,
@@ -518,8 +533,11 @@ def main(argv: list[str] | None = None) -> int:
     traces = args.trace or sorted(TRACES)
     with ProcessPoolExecutor(args.workers) as pool:
         capacity = args.replica_capacity or replica_capacity(args.seed, pool)
-        print(f"one replica sustains {capacity:g} req/s within the SLO", flush=True)
-        plans = {trace: plan(trace, args.seed, policies, capacity) for trace in traces}
+        print(
+            f"one replica sustains {capacity:g} req/s within the SLO; routing: {args.router}",
+            flush=True,
+        )
+        plans = {trace: plan(trace, args.seed, policies, capacity, args.router) for trace in traces}
         # Every trace's simulations in one batch: the pool stays busy across traces.
         jobs = [job for _, trace_jobs in plans.values() for job in trace_jobs]
         results = iter(pool.map(run, *zip(*jobs, strict=True)))

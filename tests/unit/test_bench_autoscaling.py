@@ -9,9 +9,12 @@ import pytest
 from loadtest.arrivals import bursty_rate, diurnal_rate, inhomogeneous_poisson
 from loadtest.bench_autoscaling import (
     MAX_REPLICAS,
+    ROUTER,
     instant,
+    main,
     oracle_with_start,
     oscillations,
+    plan,
     replica_seconds,
     sized_with_margin,
     trace_rate,
@@ -145,3 +148,21 @@ def test_sized_with_margin_holds_the_busiest_window_within_reach_at_that_share()
         1 + 4 + 4 + 4 + 1
     )  # a window of reach
     assert sized_with_margin(rates, 10.0, 0.8, 0.0) == 10 * (2 + 2 + 5 + 2 + 2)  # 10 / 8 -> 2
+
+
+def test_every_simulation_of_a_plan_runs_behind_the_router_asked_for() -> None:
+    policies = ("fixed", "ray", "ours", "ours-rate", "instant")
+    oracle, jobs = plan("diurnal", 0, policies, 20.0, router="cache_load")
+    assert {job[2] for job in jobs} == set(policies)
+    assert {job[-1] for job in jobs} == {"cache_load"}
+    assert {job[-1] for job in plan("diurnal", 0, ("ours",), 20.0)[1]} == {ROUTER} == {"pow2"}
+    assert all(job[-2] == oracle[0] for job in jobs)  # every policy starts with window 0's fleet
+
+
+def test_an_unknown_router_is_refused_before_any_simulation(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--router", "least_loaded"])
+    assert exit_info.value.code == 2
+    assert "invalid choice: 'least_loaded'" in capsys.readouterr().err
