@@ -26,6 +26,7 @@ from deployments.observability.metrics import RouterMetrics
 from deployments.observability.middleware import ObservedApp
 from deployments.observability.tracing import tracer, tracer_provider
 from deployments.rate_limits import ServeSharedLimiter
+from deployments.routing.first_outputs import first_output_seen
 
 logger = logging.getLogger("ray.serve")
 
@@ -55,9 +56,12 @@ class ServeBackend:
 
     async def generate(self, request: EngineRequest) -> AsyncIterator[list[EngineOutput]]:
         responses = self._streaming.generate.remote(request)
-        finished = False
+        finished = started = False
         try:
             async for batch in responses:
+                if not started:
+                    started = True
+                    first_output_seen(request.request_id)
                 yield batch
             finished = True
         except BackPressureError as exc:

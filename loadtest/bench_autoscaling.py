@@ -87,8 +87,8 @@ from loadtest.simulator.ray_autoscaler import MetricWindow, RayAutoscalingConfig
 from loadtest.spec import RequestRecord, Session, Turn
 
 PROFILE = LLAMA_8B_H100
-# Ray Serve's default router, so that the policies differ and nothing else. Behind ours
-# (cache_load), a replica the autoscaler adds is flooded: see the README's autoscaling section.
+# Ray Serve's default router, so that the policies differ and nothing else (the README's
+# autoscaling section has the figures behind ours, cache_load, too).
 ROUTER = "pow2"
 INPUT_TOKENS, OUTPUT_TOKENS = 1024, 256
 SLO_TTFT_S = 2.0

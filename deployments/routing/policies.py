@@ -48,6 +48,9 @@ class _StatelessHooks:
     def on_routed(self, request: RoutingRequest, replica_id: str) -> None:
         pass
 
+    def on_first_output(self, request_id: str, replica_id: str) -> None:
+        pass
+
     def on_finished(self, request_id: str, replica_id: str) -> None:
         pass
 
@@ -225,6 +228,9 @@ class PrefixAffinity:
     def on_routed(self, request: RoutingRequest, replica_id: str) -> None:
         self._index.add(replica_id, request.block_hashes)
 
+    def on_first_output(self, request_id: str, replica_id: str) -> None:
+        pass
+
     def on_finished(self, request_id: str, replica_id: str) -> None:
         pass
 
@@ -289,6 +295,30 @@ class CacheLoadParams(PolicyParams):
         "TTFT p90 3.7x prefix_affinity's); at 0.25 every prefix stays on one replica and real "
         "overload is left to the guard below.",
     )
+    prefill_weight: float = Field(
+        0.1,
+        ge=0,
+        description="What a token of prefill still running at a replica costs: the uncached "
+        "prompt tokens of this router's requests there that have not sent their first output. "
+        "The queue above misses them: vLLM admits a request into its running batch as soon as "
+        "its blocks fit and chunks the prefill, so a replica the autoscaler just added took "
+        "every new prompt while its cache was free, and they waited there. Without the term "
+        "(and the cap below), diurnal autoscaling behind this policy met the SLO in 88.3% / "
+        "85.0% of windows (seeds 0 / 1) against pow2's 98.3% / 96.7%; with both, pow2's. At "
+        "0.25, a burst of multi-turn conversations on 8 replicas lost 7% of its cache hits "
+        "(their holders were busy prefilling the burst), at 0.1 under 1%.",
+    )
+    footprint_cap_tokens: int = Field(
+        128,
+        ge=0,
+        description="The footprint term counts at most this many cached tokens more than the "
+        "emptiest replica's: it spreads new prefixes among replicas of about equal content, "
+        "but an empty replica (one the autoscaler just added) is not worth a whole cache's "
+        "footprint (27,000 blocks of 16: 130k token-equivalents) and does not draw every new "
+        "prompt. Uncapped, joining replicas had a TTFT p95 of 2.6-5.8 s against 0.2-1.7 s "
+        "elsewhere. With the cap and prefill_weight, bench_policies moved by at most 3% (a "
+        "multi-turn burst on 8 replicas -1.8% throughput, a hot-prefix burst on 32 -2.9%).",
+    )
     demand_window: int = Field(
         1000,
         ge=1,
@@ -306,7 +336,16 @@ class CacheLoadParams(PolicyParams):
 class _ReplicaLoad:
     """The router's view of the prefill waiting at one replica (see CacheLoad), in tokens."""
 
-    __slots__ = ("foreign", "foreign_tokens", "free_blocks", "ours", "queued", "queued_tokens")
+    __slots__ = (
+        "foreign",
+        "foreign_tokens",
+        "free_blocks",
+        "ours",
+        "prefilling",
+        "prefilling_tokens",
+        "queued",
+        "queued_tokens",
+    )
 
     # This router's requests remembered per replica at most: a hook the caller never calls
     # cannot grow it forever (vLLM's max_num_seqs is 256 by default, max_ongoing_requests too).
@@ -325,6 +364,10 @@ class _ReplicaLoad:
         self.foreign_tokens = 0.0
         # KV blocks free at the last report, less what the requests admitted since took.
         self.free_blocks = math.inf
+        # Ours without a first output yet (queued or prefilling): id -> uncached tokens. The
+        # router's own truth, current at every call (no engine report needed).
+        self.prefilling: dict[str, int] = {}
+        self.prefilling_tokens = 0
 
     @property
     def total(self) -> float:
@@ -342,12 +385,20 @@ class _ReplicaLoad:
     def routed(self, request_id: str, tokens: int, blocks: int) -> None:
         self.finished(request_id)  # routed again (a retry): count it once
         self.ours[request_id] = (tokens, blocks)
+        self.prefilling[request_id] = tokens
+        self.prefilling_tokens += tokens
         if len(self.ours) > self.MAX_TRACKED:
             self.finished(next(iter(self.ours)))
         self.arrive(request_id, tokens, blocks)
 
+    def first_output(self, request_id: str) -> None:
+        tokens = self.prefilling.pop(request_id, None)
+        if tokens is not None:
+            self.prefilling_tokens -= tokens
+
     def finished(self, request_id: str) -> None:
         self.ours.pop(request_id, None)
+        self.first_output(request_id)
         tokens = self.queued.pop(request_id, None)
         if tokens is not None:
             self.queued_tokens -= tokens
@@ -373,11 +424,14 @@ class CacheLoad:
     would take as long):
 
         queue_weight x queued prefill tokens at r      (its queue, see below)
+      + prefill_weight x prefill tokens running at r (this router's requests there without a
+                                                      first output yet, at their uncached tokens)
       + prompt tokens not cached at r            (prompt - leading blocks r holds x block size)
       + decode_weight_tokens x requests in flight at r   (decode work sharing the steps)
-      + footprint_weight x tokens r has cached   (the demand its cache will attract; a replica
-                                                  holding part of the prompt pays only the
-                                                  emptiest replica's)
+      + footprint_weight x tokens r has cached   (the demand its cache will attract, beyond the
+                                                  emptiest replica's and at most
+                                                  footprint_cap_tokens; a replica holding part
+                                                  of the prompt pays only the emptiest's)
 
     Why tokens rather than seconds: prefill is compute-bound, so every term that is prefill scales
     with the same per-token cost and it cancels out of the comparison; only the decode term needs
@@ -450,8 +504,10 @@ class CacheLoad:
         self._rng = rng
         self._index = PrefixIndex(self._params.max_index_blocks)
         self._loads: dict[str, _ReplicaLoad] = {}
-        # Each replica's _ReplicaLoad.total, as a plain dict: rank reads it once per replica.
+        # Each replica's _ReplicaLoad.total and .prefilling_tokens, as plain dicts: rank reads
+        # them once per replica.
         self._queue: dict[str, float] = {}
+        self._prefilling: dict[str, int] = {}
         self._mean_tokens = 0.0
         self._samples = 0
         # The matches of the request last ranked, reused when on_routed follows for it.
@@ -491,23 +547,33 @@ class CacheLoad:
         # Per replica in a few C-level passes (this runs for every request over every replica).
         ids = [view.replica_id for view in replicas]
         in_flight = [view.in_flight for view in replicas]
-        pressure = params.footprint_weight * (request.block_size or 0)
-        queue_weight = params.queue_weight
+        block_size = request.block_size or 0
+        pressure = params.footprint_weight * block_size
+        queue_weight, prefill_weight = params.queue_weight, params.prefill_weight
+        # The footprint counts the blocks held beyond the emptiest replica's, capped.
         held = list(map(self._index.held.get, ids, repeat(0)))
+        least = min(held)
+        cap = least + (params.footprint_cap_tokens / block_size if block_size else 0.0)
         scores = [
-            prompt + queue_weight * queued + weight * count + pressure * blocks
-            for queued, count, blocks in zip(
-                map(self._queue.get, ids, repeat(0.0)), in_flight, held, strict=True
+            prompt
+            + queue_weight * queued
+            + prefill_weight * prefilling
+            + weight * count
+            + pressure * (min(blocks, cap) - least)
+            for queued, prefilling, count, blocks in zip(
+                map(self._queue.get, ids, repeat(0.0)),
+                map(self._prefilling.get, ids, repeat(0)),
+                in_flight,
+                held,
+                strict=True,
             )
         ]
         if matches:
-            block_size = request.block_size or 0
             # A replica holding part of the prompt pays no more for its footprint than the
             # emptiest replica: the term spreads new prefixes, never pulls a request off its own.
-            least = min(held)
             for i, matched in enumerate(map(matches.get, ids, repeat(0))):
                 if matched:
-                    scores[i] -= matched * block_size + pressure * (held[i] - least)
+                    scores[i] -= matched * block_size + pressure * (min(held[i], cap) - least)
         # The guard: a replica over the bound ranks last whatever its cache holds.
         mean = sum(in_flight) / n
         bound = max(mean + params.spill_sigmas * math.sqrt(mean), params.spill_floor)
@@ -555,6 +621,7 @@ class CacheLoad:
         load = self._load(replica_id)
         load.routed(request.request_id, uncached, blocks)
         self._queue[replica_id] = load.total
+        self._prefilling[replica_id] = load.prefilling_tokens
         self._samples += 1
         self._mean_tokens += (uncached - self._mean_tokens) / min(self._samples, self._MEAN_WINDOW)
         # At once, before the engine confirms: the next request with this prefix follows it.
@@ -572,11 +639,18 @@ class CacheLoad:
             if not demand[oldest]:
                 del demand[oldest]
 
+    def on_first_output(self, request_id: str, replica_id: str) -> None:
+        load = self._loads.get(replica_id)
+        if load is not None:
+            load.first_output(request_id)
+            self._prefilling[replica_id] = load.prefilling_tokens
+
     def on_finished(self, request_id: str, replica_id: str) -> None:
         load = self._loads.get(replica_id)
         if load is not None:
             load.finished(request_id)
             self._queue[replica_id] = load.total
+            self._prefilling[replica_id] = load.prefilling_tokens
 
     def on_replica_stats(self, replica_id: str, stats: EngineStats) -> None:
         load = self._load(replica_id)
@@ -586,6 +660,7 @@ class CacheLoad:
     def on_replica_removed(self, replica_id: str) -> None:
         self._loads.pop(replica_id, None)
         self._queue.pop(replica_id, None)
+        self._prefilling.pop(replica_id, None)
         self._index.remove_replica(replica_id)
 
     def on_kv_events(self, replica_id: str, events: Sequence[KVCacheEvent]) -> None:

@@ -91,6 +91,10 @@ class RoutingPolicy(Protocol):
     def on_routed(self, request: RoutingRequest, replica_id: str) -> None:
         """The request was sent to `replica_id`."""
 
+    def on_first_output(self, request_id: str, replica_id: str) -> None:
+        """The request's first output reached the router from `replica_id`: its prefill is
+        done. Not called for a request that ends without output (on_finished covers it)."""
+
     def on_finished(self, request_id: str, replica_id: str) -> None:
         """The request ended on `replica_id` (completed, failed or aborted)."""
 

@@ -17,7 +17,9 @@ kind, per router replica: 0 when no request is in flight, else something leaked)
   result completes, whichever way (finished, failed, cancelled, the replica died). The result's own
   done callback ends it, not Serve's `on_request_completed`: that one can arrive before
   `on_request_routed` (a request that ended at once) and, for a call refused by a replica and then
-  accepted by the same one, once more for the refused attempt.
+  accepted by the same one, once more for the refused attempt. Its request id maps to it (the
+  last retry's), so that a first output the stream's consumer reports (`first_outputs`, in this
+  process) reaches the policy as `on_first_output`; the mapping ends with the entry.
 - `policy`: what the policy keeps per routed request (e.g. CacheLoad's queued prefill), ended by
   `on_finished` when the routed entry ends.
 
@@ -51,6 +53,7 @@ from ray.util import metrics
 from deployments.engines.base import AllBlocksCleared, EngineRequest, EngineStats
 from deployments.observability.config import TracingConfig
 from deployments.observability.tracing import extract, tracer, tracer_provider
+from deployments.routing import first_outputs
 from deployments.routing.hashing import block_hashes
 from deployments.routing.kv_log import KVEventCursor
 from deployments.routing.policy import (
@@ -104,6 +107,7 @@ class PolicyRequestRouter(FIFOMixin, RequestRouter):
         # Keyed by Serve's internal request id (one per handle call: our retries are new calls).
         self._pending: dict[str, _Pending] = {}
         self._routed: dict[str, tuple[str, RoutingRequest]] = {}
+        self._calls: dict[str, str] = {}  # request id -> its routed call's key (the last retry)
         self._in_flight: dict[str, int] = {}  # replica -> its routed entries (none: absent)
         self._publish_scheduled = False
         self._decision_ms = metrics.Histogram(
@@ -138,6 +142,7 @@ class PolicyRequestRouter(FIFOMixin, RequestRouter):
         self._resyncs.set_default_tags(tags)
         self._tracked.set_default_tags({**tags, "router": _router_replica_id()})
         self._publish()  # zeros: a router that never routed is seen as holding nothing
+        first_outputs.subscribe(self)
 
     # ---- replica updates ------------------------------------------------------------------------
 
@@ -293,6 +298,7 @@ class PolicyRequestRouter(FIFOMixin, RequestRouter):
         request = pending.request if pending else self._routing_request(engine_request)
         target = replica_id.unique_id
         self._routed[key] = (target, request)
+        self._calls[request.request_id] = key
         self._in_flight[target] = self._in_flight.get(target, 0) + 1
         self._policy.on_routed(request, target)
         if len(self._routed) > _MAX_TRACKED_REQUESTS:
@@ -317,11 +323,23 @@ class PolicyRequestRouter(FIFOMixin, RequestRouter):
         if pending is not None and (pending.future is None or pending.future.done()):
             self._drop_pending(internal_request_id)
 
+    def first_output_seen(self, request_id: str) -> None:
+        """From `first_outputs`, on any thread; a request this router did not route is
+        ignored."""
+        _call_soon(self._event_loop, self._first_output, request_id)
+
+    def _first_output(self, request_id: str) -> None:
+        routed = self._routed.get(self._calls.get(request_id, ""))
+        if routed is not None:
+            self._policy.on_first_output(request_id, routed[0])
+
     def _finish(self, key: str) -> None:
         routed = self._routed.pop(key, None)
         if routed is None:
             return
         target, request = routed
+        if self._calls.get(request.request_id) == key:
+            del self._calls[request.request_id]
         count = self._in_flight.pop(target) - 1
         if count:
             self._in_flight[target] = count

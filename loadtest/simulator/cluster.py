@@ -523,6 +523,10 @@ class _Run:
         for output in outputs:
             flight = flights[output.request_id]
             record = flight.record
+            if not record.token_times_s:
+                request = flight.request
+                assert request is not None and flight.replica is not None
+                self._policy.on_first_output(request.request_id, flight.replica.replica_id)
             record.token_times_s.append(t)
             record.output_tokens += 1
             if flight.generated is not None:

@@ -305,6 +305,31 @@ def test_cache_load_steers_new_prefixes_to_the_emptier_cache() -> None:
     }
 
 
+def test_cache_load_a_joining_replica_does_not_take_every_new_prompt() -> None:
+    # r0 holds a full cache, r1 just joined (the autoscaler added it): the empty cache draws new
+    # prompts only up to footprint_cap_tokens, and their running prefills count against r1.
+    policy = create_policy("cache_load", rng=random.Random(0))
+    held = tuple(range(10**6, 10**6 + 1000))
+    policy.on_kv_events("r0", [BlocksStored(block_hashes=held)])
+    counts = Counter({"r0": 0, "r1": 0})
+    for i in range(20):
+        new_prompt = request(f"n{i}", tuple(range(i * 10**4, i * 10**4 + 64 * BLOCK)))
+        counts[choose(policy, new_prompt, views(counts["r0"], counts["r1"]))] += 1
+    assert counts["r0"] >= 8  # uncapped: r1 took them all up to the hot-prefix guard (18 of 20)
+
+
+def test_cache_load_a_first_output_ends_the_prefill_cost() -> None:
+    for seed in range(10):
+        policy = create_policy("cache_load", rng=random.Random(seed))
+        for name, replica in (("a", "r0"), ("b", "r1")):
+            policy.on_routed(request(name, prompt(seed, ())), replica)
+        policy.on_first_output("b", "r1")  # r0 is still prefilling "a": r1 is cheaper
+        assert first(policy, views(1, 1), request("c", prompt(99, ()))) == "r1"
+        policy.on_finished("a", "r0")
+        policy.on_first_output("a", "r0")  # after its end: nothing left to forget
+        assert policy.tracked_requests() == 1
+
+
 def test_removed_blocks_stop_attracting() -> None:
     policy = create_policy("cache_load", rng=random.Random(0))
     warm = request("warm", prompt(0))

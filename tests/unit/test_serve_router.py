@@ -9,15 +9,19 @@ Python offers replaced by one that fails the test.
 from __future__ import annotations
 
 import asyncio
+import subprocess
+import sys
 import threading
 import time
 from collections.abc import Callable, Coroutine, Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
 import ray
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+from ray import cloudpickle
 from ray.serve._private.common import DeploymentHandleSource, DeploymentID, RequestMetadata
 from ray.serve._private.request_router.common import PendingRequest
 from ray.serve._private.test_utils import FakeRunningReplica
@@ -31,6 +35,8 @@ from deployments.engines.base import (
 )
 from deployments.observability.config import TracingConfig
 from deployments.observability.tracing import tracer, tracer_provider
+from deployments.routing import serve_router
+from deployments.routing.first_outputs import first_output_seen
 from deployments.routing.hashing import block_hashes
 from deployments.routing.kv_log import KVEventLog
 from deployments.routing.policy import RoutingHint
@@ -61,8 +67,10 @@ def report(log: KVEventLog, version: int, *, snapshot: bool = False) -> dict[str
     return {"version": version, "stats": stats.model_dump(), "kv_events": window}
 
 
-def new_router() -> PolicyRequestRouter:
-    router = PolicyRequestRouter(
+def new_router(
+    router_class: type[PolicyRequestRouter] = PolicyRequestRouter,
+) -> PolicyRequestRouter:
+    router = router_class(
         deployment_id=DeploymentID(name="LLMServer-m", app_name="test"),
         handle_source=DeploymentHandleSource.UNKNOWN,
     )
@@ -272,6 +280,53 @@ async def test_finished_and_failed_requests_leave_no_state() -> None:
     await settle()
     assert router.tracked_requests() == IDLE
     assert_in_flight_matches(router)
+
+
+async def test_a_first_output_reaches_the_policy_of_the_router_that_routed_it() -> None:
+    router, other = new_router(), new_router()
+    await first_output_reaches_the_policy(router, other)
+
+
+async def first_output_reaches_the_policy(
+    router: PolicyRequestRouter, other: PolicyRequestRouter
+) -> None:
+    replicas = fleet(router)
+    replica, result = await routed(router, replicas, pending("req-0", call_id="call-0"))
+    prefilling = router._policy._prefilling  # type: ignore[attr-defined]
+    target = replica.replica_id.unique_id
+    assert prefilling[target] == len(PROMPT)  # nothing cached there yet
+    first_output_seen("req-unknown")  # another model's request: ignored by both routers
+    first_output_seen("req-0")  # from the app's event loop, as ServeBackend calls it
+    await settle()
+    assert prefilling[target] == 0
+    assert other.tracked_requests() == IDLE
+    result.complete()
+    await settle()
+    assert router.tracked_requests() == IDLE
+    assert not router._calls
+
+
+def test_a_router_shipped_by_value_hears_first_outputs(tmp_path: Path) -> None:
+    # Serve pickles the request router's module by value (RequestRouterConfig): in the Router
+    # replica the class's globals are a copy, and a registry kept there would not be the one
+    # ServeBackend imports. A process that unpickles the class the way Serve's does:
+    cloudpickle.register_pickle_by_value(serve_router)
+    try:
+        (tmp_path / "router.pkl").write_bytes(cloudpickle.dumps(PolicyRequestRouter))
+    finally:
+        cloudpickle.unregister_pickle_by_value(serve_router)
+    script = f"""
+import asyncio
+from ray import cloudpickle
+from tests.unit import test_serve_router as t
+shipped = cloudpickle.loads(open({str(tmp_path / "router.pkl")!r}, "rb").read())
+assert shipped is not t.PolicyRequestRouter
+asyncio.run(t.first_output_reaches_the_policy(t.new_router(shipped), t.new_router()))
+"""
+    done = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, timeout=120
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
 
 
 async def test_a_request_that_ended_before_it_was_routed_leaves_no_state() -> None:

@@ -256,6 +256,7 @@ class Recorder:
         self.requests: list[RoutingRequest] = []
         self.ranked: list[set[str]] = []
         self.routed: list[str] = []
+        self.first_outputs: list[str] = []
         self.finished: list[str] = []
         self.removed: list[str] = []
         self.stats_from: set[str] = set()
@@ -279,6 +280,10 @@ class Recorder:
         self.routed.append(request.request_id)
         self.in_flight[replica_id] += 1
         self.peak_in_flight = max(self.peak_in_flight, self.in_flight[replica_id])
+
+    def on_first_output(self, request_id: str, replica_id: str) -> None:
+        self.first_outputs.append(request_id)
+        self.inner.on_first_output(request_id, replica_id)
 
     def on_finished(self, request_id: str, replica_id: str) -> None:
         self.finished.append(request_id)
