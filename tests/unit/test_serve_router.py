@@ -21,10 +21,10 @@ import pytest
 import ray
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
-from ray import cloudpickle
 from ray.serve._private.common import DeploymentHandleSource, DeploymentID, RequestMetadata
 from ray.serve._private.request_router.common import PendingRequest
 from ray.serve._private.test_utils import FakeRunningReplica
+from ray.serve.config import RequestRouterConfig
 
 from deployments.engines.base import (
     BlocksRemoved,
@@ -35,7 +35,6 @@ from deployments.engines.base import (
 )
 from deployments.observability.config import TracingConfig
 from deployments.observability.tracing import tracer, tracer_provider
-from deployments.routing import serve_router
 from deployments.routing.first_outputs import first_output_seen
 from deployments.routing.hashing import block_hashes
 from deployments.routing.kv_log import KVEventLog
@@ -309,12 +308,9 @@ async def first_output_reaches_the_policy(
 def test_a_router_shipped_by_value_hears_first_outputs(tmp_path: Path) -> None:
     # Serve pickles the request router's module by value (RequestRouterConfig): in the Router
     # replica the class's globals are a copy, and a registry kept there would not be the one
-    # ServeBackend imports. A process that unpickles the class the way Serve's does:
-    cloudpickle.register_pickle_by_value(serve_router)
-    try:
-        (tmp_path / "router.pkl").write_bytes(cloudpickle.dumps(PolicyRequestRouter))
-    finally:
-        cloudpickle.unregister_pickle_by_value(serve_router)
+    # ServeBackend imports. Serve's own serialization, unpickled in a fresh process:
+    config = RequestRouterConfig(request_router_class=PolicyRequestRouter)
+    (tmp_path / "router.pkl").write_bytes(config.get_serialized_request_router_cls())
     script = f"""
 import asyncio
 from ray import cloudpickle
