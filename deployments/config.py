@@ -211,7 +211,8 @@ class ModelAutoscalingConfig(ScalingConfig):
     target_rate_per_replica: PositiveFloat | None = Field(
         None,
         description="Requests per second one replica should serve: its capacity within the SLO "
-        "(measured with loadtest) times the utilization wanted. When set, the fleet is sized on "
+        "times the utilization wanted (`loadtest capacity` measures both and prints the value). "
+        "When set, the fleet is sized on "
         "the arrival rate the replicas count (ahead of a rising rate by rate_lead_s), and "
         "target_per_replica only marks the batch above which requests count as queued; a "
         "downscale_hysteresis of about 0.05 suits it (the rate's noise is a few percent, where "

@@ -16,8 +16,8 @@ Policies:
   ours          deployments/autoscaling.py `decide` with its defaults, target_per_replica
                 OUR_TARGET
   ours-rate     the same policy sizing on the arrival rate (RATE_CONFIG): target_rate_per_replica
-                RATE_UTILIZATION of the calibrated capacity, as an operator would set it from a
-                loadtest of one replica
+                RATE_UTILIZATION of the calibrated capacity, as an operator would set it from
+                `loadtest capacity` on one replica (the same search)
   ray-default   Ray Serve's default policy (target_ongoing_requests 2, upscale delay 30 s,
                 downscale delay 600 s, look-back 30 s, metrics every 10 s), re-implemented
   ray-best      the same with the target_ongoing_requests of RAY_TARGETS that scores best
@@ -81,7 +81,8 @@ from deployments.engines.profiles import LLAMA_8B_H100
 from deployments.routing.policy import POLICIES as ROUTERS
 from deployments.routing.policy import create_policy
 from loadtest.arrivals import bursty_rate, diurnal_rate, inhomogeneous_poisson
-from loadtest.metrics import latencies, nearest_rank
+from loadtest.capacity import narrow_rate, sustained
+from loadtest.metrics import window_ttft_p95
 from loadtest.simulator.cluster import AutoscalingMetrics, FleetSpec, SimulationResult, simulate
 from loadtest.simulator.ray_autoscaler import MetricWindow, RayAutoscalingConfig, RayDefaultPolicy
 from loadtest.spec import RequestRecord, Session, Turn
@@ -189,19 +190,8 @@ def trace_times(trace: str, seed: int) -> list[float]:
 
 
 def window_p95(records: Sequence[RequestRecord], duration_s: float) -> list[float | None]:
-    """TTFT p95 per window of arrivals (None: no request arrived in it)."""
-    buckets: list[list[float]] = [[] for _ in range(math.ceil(duration_s / WINDOW_S))]
-    for record in records:
-        index = int(record.start_s // WINDOW_S)
-        if index < len(buckets):
-            buckets[index].append(_ttft(record))
-    return [nearest_rank(ttfts, 95) if ttfts else None for ttfts in buckets]
-
-
-def _ttft(record: RequestRecord) -> float:
-    """A failed request counts as an infinite TTFT."""
-    lat = latencies(record)
-    return math.inf if lat is None else lat.ttft_s
+    """TTFT p95 per SLO window of arrivals (None: no request arrived in it)."""
+    return window_ttft_p95(records, duration_s, WINDOW_S)
 
 
 def replica_seconds(series: Sequence[tuple[float, int]], duration_s: float) -> float:
@@ -316,19 +306,17 @@ def sustains(rate: float, seed: int) -> bool:
     """One replica, Poisson arrivals at `rate` for CALIBRATION_S: every window meets the SLO."""
     times = inhomogeneous_poisson(lambda _: rate, rate, CALIBRATION_S, random.Random(seed))
     result = _simulate(1, times, seed)
-    return all(p is not None and p <= SLO_TTFT_S for p in window_p95(result.records, CALIBRATION_S))
+    return sustained(result.records, CALIBRATION_S, WINDOW_S, SLO_TTFT_S)
 
 
 def replica_capacity(seed: int, pool: Executor) -> float:
-    """The highest arrival rate (req/s, to 0.25) one replica sustains within the SLO: a
-    bisection, each step trying four rates in parallel."""
-    low, high = 1.0, 64.0
-    while high - low > 0.25:
-        rates = [low + (high - low) * i / 5 for i in range(1, 5)]
-        ok = list(pool.map(sustains, rates, [seed] * len(rates)))
-        low = max([low, *(r for r, good in zip(rates, ok, strict=True) if good)])
-        high = min([high, *(r for r, good in zip(rates, ok, strict=True) if not good)])
-    return low
+    """The highest arrival rate (req/s, to 0.25) one replica sustains within the SLO: the
+    bisection of `loadtest capacity`, each step trying four rates in parallel."""
+
+    def probe(rates: list[float]) -> list[bool]:
+        return list(pool.map(sustains, rates, [seed] * len(rates)))
+
+    return narrow_rate(probe, 1.0, 64.0, 0.25, per_step=4)[0]
 
 
 def window_oracle(times: Sequence[float], duration_s: float, capacity: float) -> list[int]:

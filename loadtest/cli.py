@@ -1,4 +1,4 @@
-"""`loadtest` (also `python -m loadtest`): run, simulate, compare."""
+"""`loadtest` (also `python -m loadtest`): run, simulate, compare, capacity."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import argparse
 import os
 import sys
 
-from loadtest import compare, run, simulate
+from loadtest import capacity, compare, run, simulate
 
 
 def build_parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.ArgumentParser]]:
@@ -16,7 +16,7 @@ def build_parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.Argument
         "LLM endpoints.",
     )
     commands = parser.add_subparsers(dest="command", required=True)
-    for module in (run, simulate, compare):
+    for module in (run, simulate, compare, capacity):
         module.register(commands)
     return parser, dict(commands.choices)
 

@@ -133,3 +133,17 @@ def summarize(
         "slo_tpot_ms": slo_tpot_ms,
         "goodput": per_second(goodput_count),
     }
+
+
+def window_ttft_p95(
+    records: Sequence[RequestRecord], duration_s: float, window_s: float
+) -> list[float | None]:
+    """TTFT p95 (nearest rank, seconds) per window of request start times over [0, duration_s);
+    a failed request counts as an infinite TTFT; None: no request started in the window."""
+    buckets: list[list[float]] = [[] for _ in range(math.ceil(duration_s / window_s))]
+    for record in records:
+        index = int(record.start_s // window_s)
+        if index < len(buckets):
+            lat = latencies(record)
+            buckets[index].append(math.inf if lat is None else lat.ttft_s)
+    return [nearest_rank(ttfts, 95) if ttfts else None for ttfts in buckets]

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import math
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -294,3 +295,25 @@ def test_loadtest_run_against_the_simulated_app(simulated_app: str, tmp_path: Pa
     records = [RequestRecord(**json.loads(line)) for line in lines]
     assert len(records) == 16 and all(r.ok and r.token_times_s[0] > r.start_s for r in records)
     assert "--rate 8.0" in (out / "report.md").read_text()
+
+
+@pytest.mark.integration
+def test_loadtest_capacity_against_the_simulated_app(simulated_app: str, tmp_path: Path) -> None:
+    """`loadtest capacity` over HTTP: each probe is a whole `loadtest run` against the app."""
+    from loadtest.cli import main
+
+    out = tmp_path / "cap"
+    argv = ["capacity", "--target", simulated_app, "--replicas=3", "--hold-s=4", "--window-s=2"]
+    argv += ["--low=1", "--high=6", "--resolution=2.5", "--out", str(out), "--"]
+    assert main([*argv, "--workload=random", "--input-len=64", "--output-len=8"]) == 0
+    result = json.loads((out / "capacity.json").read_text())
+    # 1/s, then the middle of [1, 6]; [3.5, 6] is within the resolution.
+    assert [p["rate"] for p in result["probes"]] == [1.0, 3.5]
+    for probe in result["probes"]:
+        assert probe["sustained"] and probe["failed"] == 0
+        assert probe["requests"] == probe["completed"] == math.ceil(probe["rate"] * 4)
+        summary = json.loads((out / f"rate-{probe['rate']:g}" / "summary.json").read_text())
+        assert summary["completed"] == probe["completed"] and "--rate" in summary["command"]
+    # Never failed below --high: the capacity is a lower bound.
+    assert result["capacity_per_s"] == 3.5 and result["capacity_at_least"]
+    assert result["capacity_per_replica_per_s"] == pytest.approx(3.5 / 3)
