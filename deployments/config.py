@@ -211,10 +211,10 @@ class ModelAutoscalingConfig(ScalingConfig):
     target_rate_per_replica: PositiveFloat | None = Field(
         None,
         description="Requests per second one replica should serve: its capacity within the SLO "
-        "times the utilization wanted (`loadtest capacity` measures both and prints the value). "
-        "When set, the fleet is sized on "
-        "the arrival rate the replicas count (ahead of a rising rate by rate_lead_s), and "
-        "target_per_replica only marks the batch above which requests count as queued; a "
+        "times the utilization wanted (`loadtest capacity` measures the capacity and prints this "
+        "value). When set, the fleet is sized on the arrival rate the replicas count (ahead of a "
+        "rising rate by rate_lead_s), and target_per_replica only marks the batch above which "
+        "requests count as queued; a "
         "downscale_hysteresis of about 0.05 suits it (the rate's noise is a few percent, where "
         "the in-flight count swings with the batch). Unset: sized on requests in flight at "
         "target_per_replica.",

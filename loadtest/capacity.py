@@ -33,7 +33,7 @@ from typing import Any
 
 from loadtest.argtypes import finite_positive_float, positive_int
 from loadtest.compare import SIM_PREFIX
-from loadtest.metrics import window_ttft_p95
+from loadtest.metrics import completed, window_ttft_p95
 from loadtest.spec import RequestRecord
 from loadtest.workloads import TRACE_PREFIX, add_workload_arguments
 
@@ -52,8 +52,8 @@ OWN_FLAGS = (
     "--duration-s",
     "--slo-ttft-ms",
 )
-# Workloads whose arrivals are not one request per scheduled arrival: a multi-turn session's
-# later turns follow its answers, and a trace brings its own arrival times.
+# Workloads that are not one request per scheduled arrival: a multi-turn session's later turns
+# follow its answers (and a trace:FILE workload brings its own arrival times).
 MULTI_REQUEST_WORKLOADS = ("multi-turn",)
 
 
@@ -202,7 +202,7 @@ def run_probe(args: argparse.Namespace, shared: list[str], rate: float) -> Probe
     """Holds `rate` on the target for --hold-s through `loadtest run` or `loadtest simulate`."""
     from loadtest.cli import main as loadtest_main
 
-    out = args.out / f"rate-{rate:.4g}"
+    out = args.out / f"rate-{rate:g}"
     out.mkdir(parents=True, exist_ok=True)
     requests = max(1, math.ceil(rate * args.hold_s))
     if args.target.startswith(SIM_PREFIX):
@@ -220,7 +220,7 @@ def run_probe(args: argparse.Namespace, shared: list[str], rate: float) -> Probe
         raise ProbeError(f"the run at {rate:g}/s wrote no requests (exit {code}): see {out}/")
     records = [RequestRecord(**json.loads(line)) for line in lines]
     p95s = [p for p in window_ttft_p95(records, args.hold_s, args.window_s) if p is not None]
-    failed = sum(1 for r in records if not r.ok)
+    failed = sum(1 for r in records if not completed(r))
     slo_s = args.slo_ttft_ms / 1000.0
     worst = max(p95s, default=math.inf)
     return Probe(

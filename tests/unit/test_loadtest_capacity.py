@@ -97,7 +97,7 @@ def test_the_search_on_a_simulated_target(tmp_path: Path, capsys: pytest.Capture
     assert result["capacity_per_replica_per_s"] == result["capacity_per_s"] / 2
     assert result["target_rate_per_replica"] == pytest.approx(result["capacity_per_s"] / 2 * 0.9)
     for probe in probes:
-        folder = tmp_path / "cap" / f"rate-{probe['rate']:.4g}"
+        folder = tmp_path / "cap" / f"rate-{probe['rate']:g}"
         assert (folder / "summary.json").is_file() and (folder / "run.log").is_file()
         summary = json.loads((folder / "summary.json").read_text())
         assert probe["requests"] == summary["num_requests"]
