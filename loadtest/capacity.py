@@ -240,6 +240,8 @@ def handle(args: argparse.Namespace) -> int:
         shared = check_run_args(args.run_args)
         if not args.low < args.high:
             raise ValueError("--low must be below --high")
+        if args.utilization > 1:
+            raise ValueError("--utilization is a share of the capacity: at most 1")
     except ValueError as exc:
         print(f"loadtest capacity: error: {exc}", file=sys.stderr)
         return 2
@@ -251,7 +253,8 @@ def handle(args: argparse.Namespace) -> int:
             print(probes[-1].line(args.slo_ttft_ms), flush=True)
         return [p.sustained for p in probes[-len(rates) :]]
 
-    print(f"capacity of {args.target} ({args.replicas} replicas), {args.hold_s:g} s per rate")
+    replicas = f"{args.replicas} replica{'s' if args.replicas > 1 else ''}"
+    print(f"capacity of {args.target} ({replicas}), {args.hold_s:g} s per rate")
     try:
         low_sustained = probe([args.low])[0]
         low, high = args.low, args.high
@@ -275,7 +278,7 @@ def handle(args: argparse.Namespace) -> int:
         print(f"not even {args.low:g}/s was sustained: lower --low, or the SLO is out of reach")
         return 1
     # Below the --high the user gave and never failed: the capacity may be higher still.
-    at_least = not any(not p.sustained for p in probes)
+    at_least = all(p.sustained for p in probes)
     per_replica = low / args.replicas
     suggested = per_replica * args.utilization
     result |= {

@@ -136,9 +136,18 @@ def test_flags_capacity_sets_are_refused(
     assert message in capsys.readouterr().err
 
 
-def test_low_must_be_below_high(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
-    code, _ = capacity(tmp_path, "--target=http://127.0.0.1:9", "--low=8", "--high=8")
-    assert code == 2 and "--low must be below --high" in capsys.readouterr().err
+@pytest.mark.parametrize(
+    ("flags", "message"),
+    [
+        (("--low=8", "--high=8"), "--low must be below --high"),
+        (("--utilization=1.5",), "--utilization is a share of the capacity"),
+    ],
+)
+def test_search_bounds_are_checked(
+    tmp_path: Path, capsys: pytest.CaptureFixture, flags: tuple[str, ...], message: str
+) -> None:
+    code, _ = capacity(tmp_path, "--target=http://127.0.0.1:9", *flags)
+    assert code == 2 and message in capsys.readouterr().err
 
 
 def test_an_unreachable_target_exits_2(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
