@@ -32,7 +32,7 @@ from pathlib import Path
 from typing import Any
 
 from loadtest.argtypes import finite_positive_float, positive_int
-from loadtest.compare import SIM_PREFIX
+from loadtest.compare import SIM_PREFIX, target_command
 from loadtest.metrics import completed, window_ttft_p95
 from loadtest.spec import RequestRecord
 from loadtest.workloads import TRACE_PREFIX, add_workload_arguments
@@ -205,11 +205,11 @@ def run_probe(args: argparse.Namespace, shared: list[str], rate: float) -> Probe
     out = args.out / f"rate-{rate:g}"
     out.mkdir(parents=True, exist_ok=True)
     requests = max(1, math.ceil(rate * args.hold_s))
+    argv = target_command(args.target)
     if args.target.startswith(SIM_PREFIX):
-        argv = ["simulate", "--config", args.target[len(SIM_PREFIX) :]]
         argv += ["--replicas", str(args.replicas)]
     else:
-        argv = ["run", "--base-url", args.target, "--no-progress"]
+        argv += ["--no-progress"]
     # Poisson arrivals rescaled so that the last one is at requests / rate: the hold.
     argv += ["--out", str(out), "--rate", repr(rate), "--num-requests", str(requests)]
     argv += ["--slo-ttft-ms", f"{args.slo_ttft_ms:g}", *shared]

@@ -78,12 +78,8 @@ def _compare(args: argparse.Namespace) -> int:
     summaries: list[dict[str, Any]] = []
     for target, label in zip(args.target, labels, strict=True):
         out = args.out / label
-        if target.startswith(SIM_PREFIX):
-            argv = ["simulate", "--config", target[len(SIM_PREFIX) :], "--out", str(out)]
-        else:
-            argv = ["run", "--base-url", target, "--out", str(out)]
         print(f"== {label}: {target}", flush=True)
-        code = loadtest_main([*argv, *shared])
+        code = loadtest_main([*target_command(target), "--out", str(out), *shared])
         summary_file = out / "summary.json"
         if not summary_file.exists():
             print(f"compare: {label} produced no summary (exit {code})")
@@ -93,6 +89,14 @@ def _compare(args: argparse.Namespace) -> int:
     (args.out / "compare.md").write_text(table + "\n")
     print(table)
     return 0
+
+
+def target_command(target: str) -> list[str]:
+    """The loadtest subcommand and target flag that measure `target`: `simulate --config FILE`
+    for sim:FILE, `run --base-url URL` for a URL."""
+    if target.startswith(SIM_PREFIX):
+        return ["simulate", "--config", target[len(SIM_PREFIX) :]]
+    return ["run", "--base-url", target]
 
 
 def _figure(summary: dict[str, Any], key: str, sub: str | None) -> float | None:

@@ -310,6 +310,8 @@ def test_full_replicas_hold_requests_at_the_router() -> None:
     assert all(r.ok for r in result.records)
     assert policy.peak_in_flight == 2  # never a third request on a replica
     assert sorted(policy.routed) == sorted(policy.finished) and len(policy.routed) == 12
+    # Each request's first token, once, told to the policy (CacheLoad ends its prefill cost).
+    assert sorted(policy.first_outputs) == sorted(policy.routed)
     ttfts = sorted(r.token_times_s[0] - r.start_s for r in result.records)
     assert ttfts[-1] > 3 * ttfts[0]  # the last ones waited at the router for earlier ones
 
