@@ -127,9 +127,10 @@ class LLMServer:
     async def generate(
         self, request: EngineRequest, routing: RoutingHint | None = None
     ) -> AsyncIterator[list[EngineOutput]]:
-        """Stream the request's outputs in batches: whatever the engine produced since the last
-        yield goes out as one item, so a slow consumer costs one Ray object per batch, not per
-        token, and a fast one still gets every token at once (nothing waits to fill a batch).
+        """Stream the request's outputs in batches: the first output at once (time to first
+        token), then whatever the engine produced, at most once per `stream_interval_ms`, as one
+        item. Each Ray object and HTTP write costs CPU per message, and on a shared host that CPU
+        is the engine's; a slow consumer gets larger batches, never a backlog of objects.
 
         `routing` is what our request router believed about this replica's cache (it adds it
         to the call); the engine's answer is compared with it when the first output arrives."""
@@ -154,14 +155,25 @@ class LLMServer:
                 queue.put_nowait(exc)
 
         pump_task = asyncio.create_task(pump())
+        interval_s = self._model.stream_interval_ms / 1000
+        loop = asyncio.get_running_loop()
+        sent_at: float | None = None  # None until the first output, which never waits
         try:
             while True:
                 items = [await queue.get()]
+                if sent_at is not None and not _ends(items[-1]):
+                    # Let the batch fill until the interval since the last send is up, unless
+                    # the stream ends first: the last tokens never wait.
+                    with contextlib.suppress(TimeoutError):
+                        async with asyncio.timeout_at(sent_at + interval_s):
+                            while not _ends(items[-1]):
+                                items.append(await queue.get())
                 while not queue.empty():
                     items.append(queue.get_nowait())
                 batch = [item for item in items if isinstance(item, EngineOutput)]
                 if batch:
                     yield batch
+                    sent_at = loop.time()
                 last = items[-1]
                 if last is _END:
                     return
@@ -238,6 +250,10 @@ class LLMServer:
         with contextlib.suppress(asyncio.CancelledError):
             await self._kv_drain_task
         await self._engine.shutdown()
+
+
+def _ends(item: Any) -> bool:
+    return item is _END or isinstance(item, Exception)
 
 
 def _exit_with_dead_engine(error: EngineDeadError) -> None:

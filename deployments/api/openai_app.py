@@ -579,6 +579,7 @@ class OpenAIApp:
         acc = _Accumulator(body.n)
         offsets = [0] * body.n
         async for batch in outputs:
+            events = []
             for output in batch:
                 acc.add(output)
                 logprobs = None
@@ -586,7 +587,7 @@ class OpenAIApp:
                     logprobs, offsets[output.index] = completion_logprobs(
                         output.logprobs, offsets[output.index]
                     )
-                yield sse.event(
+                events.append(
                     CompletionResponse(
                         id=request_id,
                         created=created,
@@ -601,6 +602,7 @@ class OpenAIApp:
                         ],
                     )
                 )
+            yield sse.events(events)
         if body.include_usage_chunk:
             yield sse.event(
                 CompletionResponse(
@@ -618,40 +620,48 @@ class OpenAIApp:
         acc = _Accumulator(body.n)
         opened = False
 
-        def chunk(choices: list[ChatChunkChoice], usage: Usage | None = None) -> bytes:
-            return sse.event(
-                ChatCompletionChunk(
-                    id=request_id, created=created, model=body.model, choices=choices, usage=usage
-                )
+        def chunk(
+            choices: list[ChatChunkChoice], usage: Usage | None = None
+        ) -> ChatCompletionChunk:
+            return ChatCompletionChunk(
+                id=request_id, created=created, model=body.model, choices=choices, usage=usage
             )
 
         async for batch in outputs:
+            events = []
             for output in batch:
                 if not opened:
                     # OpenAI opens every choice with the assistant role and empty content.
                     opened = True
-                    yield chunk(
-                        [
-                            ChatChunkChoice(index=i, delta=ChatDelta(role="assistant", content=""))
-                            for i in range(body.n)
-                        ]
+                    events.append(
+                        chunk(
+                            [
+                                ChatChunkChoice(
+                                    index=i, delta=ChatDelta(role="assistant", content="")
+                                )
+                                for i in range(body.n)
+                            ]
+                        )
                     )
                 acc.add(output)
                 logprobs = None
                 if body.logprobs and output.logprobs is not None:
                     logprobs = chat_logprobs(output.logprobs)
-                yield chunk(
-                    [
-                        ChatChunkChoice(
-                            index=output.index,
-                            delta=ChatDelta(content=output.text),
-                            logprobs=logprobs,
-                            finish_reason=output.finish_reason,
-                        )
-                    ]
+                events.append(
+                    chunk(
+                        [
+                            ChatChunkChoice(
+                                index=output.index,
+                                delta=ChatDelta(content=output.text),
+                                logprobs=logprobs,
+                                finish_reason=output.finish_reason,
+                            )
+                        ]
+                    )
                 )
+            yield sse.events(events)
         if body.include_usage_chunk:
-            yield chunk([], acc.usage())
+            yield sse.event(chunk([], acc.usage()))
 
     # ---- helpers --------------------------------------------------------------------------------
 

@@ -18,3 +18,10 @@ def event(payload: BaseModel | dict[str, Any]) -> bytes:
     else:
         data = json.dumps(payload, separators=(",", ":"), ensure_ascii=False)
     return b"data: " + data.encode() + b"\n\n"
+
+
+def events(payloads: list[BaseModel]) -> bytes:
+    """Several SSE events as one write: a batch of engine outputs costs the HTTP path one send
+    (one ASGI message through Serve) instead of one per token; the client still parses one
+    event per output."""
+    return b"".join(event(payload) for payload in payloads)

@@ -12,9 +12,17 @@ import httpx
 import pytest
 
 from deployments.config import RequestLimits, RouterConfig
+from deployments.engines.base import EngineOutput, EngineRequest
 from deployments.engines.profiles import ZERO_LATENCY
 from deployments.tokenizer import PromptTokenizer
-from tests.support import API_MAX_MODEL_LEN, API_MODEL, parse_sse, simulated_api, simulated_app
+from tests.support import (
+    API_MAX_MODEL_LEN,
+    API_MODEL,
+    EngineBackend,
+    parse_sse,
+    simulated_api,
+    simulated_app,
+)
 
 MODEL = API_MODEL
 MAX_MODEL_LEN = API_MAX_MODEL_LEN
@@ -131,6 +139,36 @@ async def test_chat_stream_with_usage(client: httpx.AsyncClient) -> None:
     assert content_chunks[-1]["choices"][0]["finish_reason"] == "length"
     usage = events[-1]
     assert usage["choices"] == [] and usage["usage"]["completion_tokens"] == 5
+
+
+class OneBatchBackend(EngineBackend):
+    """Every output of a request in one batch, as a replica whose stream interval outlasts the
+    request sends them."""
+
+    async def generate(self, request: EngineRequest) -> AsyncIterator[list[EngineOutput]]:
+        yield [output async for batch in super().generate(request) for output in batch]
+
+
+@pytest.mark.parametrize("path", ["/v1/chat/completions", "/v1/completions"])
+async def test_a_batch_of_outputs_streams_as_one_event_per_output(
+    embedded_model: Path, path: str
+) -> None:
+    """A batch goes out as one HTTP write, yet the client parses the same events as when every
+    output came alone."""
+    body: dict[str, Any] = {"max_tokens": 5, "n": 2, "stream": True}
+    body |= chat() if path.endswith("chat/completions") else {"model": MODEL, "prompt": "a b c"}
+    streams = []
+    for backend in (EngineBackend, OneBatchBackend):
+        async with simulated_api(embedded_model, RouterConfig(), backend) as (http, _):
+            events, done = parse_sse((await http.post(path, json=body)).text)
+        assert done
+        # The texts are random; each event's choices and finish reasons are the stream's shape.
+        streams.append(
+            [[(c["index"], c["finish_reason"]) for c in event["choices"]] for event in events]
+        )
+    per_output, one_batch = streams
+    assert sum(map(len, per_output)) >= 10  # an event per token and choice (chat: + the role's)
+    assert one_batch == per_output
 
 
 async def test_completion_stream_with_usage(client: httpx.AsyncClient) -> None:
