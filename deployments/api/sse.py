@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
 from typing import Any
 
 from pydantic import BaseModel
@@ -20,7 +21,7 @@ def event(payload: BaseModel | dict[str, Any]) -> bytes:
     return b"data: " + data.encode() + b"\n\n"
 
 
-def events(payloads: list[BaseModel]) -> bytes:
+def events(payloads: Sequence[BaseModel]) -> bytes:
     """Several SSE events as one write: a batch of engine outputs costs the HTTP path one send
     (one ASGI message through Serve) instead of one per token; the client still parses one
     event per output."""
