@@ -14,6 +14,7 @@ from ray.serve.config import BackpressureConfig, RequestRouterConfig
 
 from deployments.autoscaling import serve_autoscaling_config
 from deployments.config import AppConfig, deployment_name
+from deployments.engines.vllm import engine_environment
 from deployments.llm_server import LLMServer
 from deployments.placement import replica_placement
 from deployments.rate_limits import RateLimits
@@ -50,9 +51,7 @@ def build_app(args: AppConfig | dict[str, Any]) -> Application:
                 # on top of the first worker's share).
                 ray_actor_options={
                     "num_cpus": model.replica_cpus,
-                    # vLLM reports usage statistics unless told not to; a serving cluster
-                    # should not phone home by default (engine_env can turn it back on).
-                    "runtime_env": {"env_vars": {"VLLM_NO_USAGE_STATS": "1", **model.engine_env}},
+                    "runtime_env": {"env_vars": engine_environment(model)},
                 },
                 placement_group_bundles=placement.bundles,
                 placement_group_strategy=placement.strategy,

@@ -24,8 +24,10 @@ cluster/configs/local.yaml (its first model), so it cannot drift from what `make
   reserving the config's replica_cpus and its engine worker cpus_per_worker in one CPU-only
   placement group, and the ingress as many replicas and CPUs as our router.
 What is Ray Serve LLM's own, on purpose: its ingress, its routers at their defaults, its
-deployment defaults (max_ongoing_requests, health checks), and vLLM's OpenAI server doing the
-tokenization and chat template inside each replica.
+deployment defaults (max_ongoing_requests, health checks), vLLM's OpenAI server doing the
+tokenization and chat template inside each replica, and vLLM's mp executor, which Ray Serve LLM
+sets for every CPU engine (ours keeps a one-worker CPU engine in one process; see
+`engine_environment` in deployments/engines/vllm.py).
 
 Settings it needs on CPU (read from Ray 2.60's source): a placement group of CPU-only bundles
 (Ray Serve LLM then builds a CPU accelerator and vLLM's mp executor instead of asking for GPUs);

@@ -7,7 +7,7 @@ from typing import Any
 import pytest
 
 from deployments.config import ModelConfig
-from deployments.engines.vllm import engine_kwargs
+from deployments.engines.vllm import engine_environment, engine_kwargs
 
 
 def vllm_model(**overrides: Any) -> ModelConfig:
@@ -23,7 +23,7 @@ def vllm_model(**overrides: Any) -> ModelConfig:
 @pytest.mark.parametrize(
     ("device", "tp", "pp", "backend"),
     [
-        ("cpu", 1, 1, None),  # vLLM's own choice (uniprocess)
+        ("cpu", 1, 1, None),  # uniprocess, given engine_environment (below)
         ("cpu", 2, 1, "mp"),  # vLLM refuses its Ray executor on CPU
         ("gpu", 1, 1, "ray"),  # workers in the replica's placement group
         ("gpu", 4, 2, "ray"),
@@ -45,3 +45,30 @@ def test_owned_fields_and_prefix_caching() -> None:
     assert kwargs["max_model_len"] == 1234
     assert kwargs["enable_prefix_caching"] is True
     assert kwargs["model"] == kwargs["tokenizer"] == "/models/m"
+
+
+@pytest.mark.parametrize(
+    ("device", "tp", "in_process"),
+    [
+        ("cpu", 1, True),  # the worker inside the EngineCore: no busy-waiting process pair
+        ("cpu", 2, False),  # TP workers need processes (vLLM's mp executor)
+        ("gpu", 1, False),  # Ray executor, as set by engine_kwargs
+    ],
+)
+def test_environment_keeps_a_one_worker_cpu_engine_in_one_process(
+    device: str, tp: int, in_process: bool
+) -> None:
+    environment = engine_environment(vllm_model(device=device, tensor_parallel_size=tp))
+    assert environment["VLLM_NO_USAGE_STATS"] == "1"
+    assert (environment.get("VLLM_ENABLE_V1_MULTIPROCESSING") == "0") is in_process
+
+
+def test_engine_env_overrides_the_defaults() -> None:
+    environment = engine_environment(
+        vllm_model(
+            device="cpu",
+            engine_env={"VLLM_ENABLE_V1_MULTIPROCESSING": "1", "VLLM_NO_USAGE_STATS": "0"},
+        )
+    )
+    assert environment["VLLM_ENABLE_V1_MULTIPROCESSING"] == "1"  # back to vLLM's mp executor
+    assert environment["VLLM_NO_USAGE_STATS"] == "0"
