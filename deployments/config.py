@@ -296,7 +296,7 @@ class ModelConfig(StrictModel):
         default_factory=dict,
         description="Environment variables of the replica (e.g. VLLM_CPU_OMP_THREADS_BIND), over "
         "ours: VLLM_NO_USAGE_STATS=1, and for a vLLM CPU engine of one worker "
-        "VLLM_ENABLE_V1_MULTIPROCESSING=0 (its worker inside the EngineCore process; \"1\" "
+        'VLLM_ENABLE_V1_MULTIPROCESSING=0 (its worker inside the EngineCore process; "1" '
         "restores vLLM's separate worker process).",
     )
     simulated: SimulatedEngineConfig | None = Field(
