@@ -102,6 +102,11 @@ class LLMServer:
         )
         self._engine = create_engine(model)
         self._stats_version = 0
+        # Serve may call __del__ while this constructor still awaits the engine (a replica
+        # stopped while it loads), and keeps pushing metrics until __del__ has returned: both
+        # read these, so they exist before the first await.
+        self._stopping = False
+        self._kv_drain_task: asyncio.Task[None] | None = None
         await self._engine.start()
         self._kv_log = KVEventLog(
             incarnation=uuid.uuid4().hex,
@@ -232,6 +237,10 @@ class LLMServer:
         }
 
     def record_autoscaling_stats(self) -> dict[str, float]:
+        if self._stopping:
+            # The engine is going. Serve drained this replica before __del__ and counts only
+            # running replicas: no report, rather than an error logged at every push.
+            return {}
         stats = self._engine.stats()
         now, finished, arrived = time.monotonic(), self._finished, self._arrived
         since, finished_before, arrived_before = self._counts_reported
@@ -246,9 +255,11 @@ class LLMServer:
         }
 
     async def __del__(self) -> None:
-        self._kv_drain_task.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await self._kv_drain_task
+        self._stopping = True
+        if self._kv_drain_task is not None:
+            self._kv_drain_task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._kv_drain_task
         await self._engine.shutdown()
 
 

@@ -2,19 +2,23 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import time
 from collections.abc import AsyncIterator, Callable, Iterator
 from contextlib import aclosing, asynccontextmanager, contextmanager
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import httpx
+import openai
 import pytest
+from ray import serve
 
-from cluster import ingress
+from cluster import ingress, runtime
 from cluster.config import IngressConfig
 from deployments.api.openai_app import ModelBackend, OpenAIApp, SharedLimiter
-from deployments.config import AppConfig, ModelConfig, RouterConfig
+from deployments.config import AppConfig, ModelConfig, RouterConfig, deployment_name
 from deployments.engines.base import Engine, EngineOutput, EngineRequest, EngineStats
 from deployments.engines.profiles import ZERO_LATENCY
 from deployments.engines.simulated import SimulatedEngine
@@ -115,3 +119,75 @@ async def simulated_app(
         assert stats.num_running == 0 and stats.num_waiting == 0, stats
     finally:
         await engine.shutdown()
+
+
+# ---- an autoscaled deployment under load (tests/integration and tests/e2e) ---------------------
+
+
+def running_replicas(model: str) -> int:
+    """The model's LLMServer replicas Serve reports RUNNING."""
+    app = serve.status().applications[runtime.APP_NAME]
+    states = app.deployments[deployment_name(model)].replica_states
+    return int(states.get("RUNNING", 0))
+
+
+async def watch_replicas(model: str, seconds: float, until: int | None = None) -> list[int]:
+    """Running replicas every 0.5 s for `seconds` (or until the count is `until`)."""
+    counts: list[int] = []
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        counts.append(await asyncio.to_thread(running_replicas, model))
+        if until is not None and counts[-1] == until:
+            break
+        await asyncio.sleep(0.5)
+    return counts
+
+
+@dataclass
+class ClosedLoopUsers:
+    """Users that each stream a completion through the real `openai` client and send the next
+    one as soon as it ends. Only the first `users` of the started tasks send; change it (and
+    `max_tokens`) to step the load. Every stream must end with exactly `max_tokens` tokens
+    (`ignore_eos`) and finish_reason "length": anything else is a failure, so a request dropped
+    or cut by a scale-down shows."""
+
+    base_url: str
+    model: str
+    users: int = 0
+    max_tokens: int = 150
+    completed: int = 0
+    failures: list[str] = field(default_factory=list)
+
+    async def user(self, index: int, stop: asyncio.Event) -> None:
+        client = openai.AsyncOpenAI(
+            base_url=f"{self.base_url}/v1", api_key="unused", max_retries=0, timeout=300
+        )
+        async with client:
+            while not stop.is_set():
+                if index >= self.users:
+                    await asyncio.sleep(0.05)
+                    continue
+                await self._one_request(client, index)
+
+    async def _one_request(self, client: openai.AsyncOpenAI, index: int) -> None:
+        max_tokens = self.max_tokens
+        finish, usage = None, None
+        try:
+            stream = await client.completions.create(
+                model=self.model,
+                prompt=f"user {index}",
+                max_tokens=max_tokens,
+                stream=True,
+                stream_options={"include_usage": True},
+                extra_body={"ignore_eos": True},
+            )
+            async for chunk in stream:
+                finish = next((c.finish_reason for c in chunk.choices if c.finish_reason), finish)
+                usage = chunk.usage or usage
+        except openai.APIError as exc:
+            self.failures.append(f"{type(exc).__name__}: {exc}"[:300])
+            return
+        if finish != "length" or usage is None or usage.completion_tokens != max_tokens:
+            self.failures.append(f"cut short: finish_reason {finish}, usage {usage}")
+        else:
+            self.completed += 1

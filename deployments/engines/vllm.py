@@ -210,6 +210,13 @@ class VLLMEngine:
             await asyncio.to_thread(subscriber.close)
         llm, self._llm = self._llm, None
         if llm is not None:
+            # vLLM's shutdown stops the EngineCore before it cancels its output handler, which
+            # sees the process go first and logs an EngineDeadError on every clean stop (each
+            # scale-down). With nothing in flight, cancel the handler first; requests still
+            # running (past Serve's drain timeout) keep vLLM's order and end with its error.
+            handler = getattr(llm, "output_handler", None)
+            if handler is not None and llm.get_num_unfinished_requests() == 0:
+                handler.cancel()
             # Joins the EngineCore and worker processes: blocking, so off the event loop.
             await asyncio.to_thread(llm.shutdown)
         self._remove_kv_events_dir()

@@ -10,16 +10,15 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import httpx
 import pytest
-from ray import serve
 
 from cluster import runtime
 from deployments.config import AppConfig, RouterConfig, deployment_name
 from tests.integration.conftest import served, simulated_model
+from tests.support import ClosedLoopUsers, watch_replicas
 
 pytestmark = pytest.mark.integration
 
@@ -83,67 +82,21 @@ def app(embedded_model: Path) -> Iterator[str]:
         yield url
 
 
-def running_replicas(model: str) -> int:
-    app = serve.status().applications[runtime.APP_NAME]
-    states = app.deployments[deployment_name(model)].replica_states
-    return int(states.get("RUNNING", 0))
-
-
-@dataclass
-class Load:
-    """Closed-loop users against the HTTP API; every response is checked."""
-
-    base_url: str
-    model: str
-    users: int = 0
-    max_tokens: int = MAX_TOKENS
-    completed: int = 0
-    failures: list[str] = field(default_factory=list)
-
-    async def user(self, index: int, stop: asyncio.Event) -> None:
-        async with httpx.AsyncClient(base_url=self.base_url, timeout=120) as http:
-            while not stop.is_set():
-                if index >= self.users:
-                    await asyncio.sleep(0.05)
-                    continue
-                max_tokens = self.max_tokens
-                body = {"model": self.model, "prompt": f"user {index}", "max_tokens": max_tokens}
-                response = await http.post("/v1/completions", json=body)
-                if response.status_code != 200:
-                    self.failures.append(f"{response.status_code} {response.text[:200]}")
-                elif response.json()["usage"]["completion_tokens"] != max_tokens:
-                    self.failures.append(f"short answer: {response.text[:200]}")
-                else:
-                    self.completed += 1
-
-
-async def watch(model: str, seconds: float, until: int | None = None) -> list[int]:
-    """Running replicas every 0.5 s for `seconds` (or until the count is `until`)."""
-    counts: list[int] = []
-    deadline = time.monotonic() + seconds
-    while time.monotonic() < deadline:
-        counts.append(await asyncio.to_thread(running_replicas, model))
-        if until is not None and counts[-1] == until:
-            break
-        await asyncio.sleep(0.5)
-    return counts
-
-
 async def test_stepped_load_scales_up_and_back_down_without_a_failed_request(app: str) -> None:
-    load = Load(app, BUSY, users=2)
+    load = ClosedLoopUsers(app, BUSY, users=2, max_tokens=MAX_TOKENS)
     stop = asyncio.Event()
     users = [asyncio.create_task(load.user(i, stop)) for i in range(20)]
     try:
-        low = await watch(BUSY, 5)
+        low = await watch_replicas(BUSY, 5)
         step_at = time.time()
         load.users = 20  # 10x
         # Replica start: 6-30 s here, minutes when other jobs starve the 2 cores.
-        high = await watch(BUSY, 180, until=4)
+        high = await watch_replicas(BUSY, 180, until=4)
         reached_at = time.time()
-        high += await watch(BUSY, 3)
+        high += await watch_replicas(BUSY, 3)
         # Under load still: replicas are removed mid-request and must drain, not drop.
         load.users, load.max_tokens = 2, LONG_MAX_TOKENS
-        down = await watch(BUSY, 90, until=1)
+        down = await watch_replicas(BUSY, 90, until=1)
     finally:
         stop.set()
         await asyncio.gather(*users)
@@ -166,7 +119,7 @@ async def test_stepped_load_scales_up_and_back_down_without_a_failed_request(app
 
 
 async def test_a_model_at_zero_serves_its_first_request_after_the_cold_start(app: str) -> None:
-    counts = await watch(COLD, 30, until=0)
+    counts = await watch_replicas(COLD, 30, until=0)
     assert counts[-1] == 0, counts
     async with httpx.AsyncClient(base_url=app, timeout=120) as http:
         started = time.monotonic()
@@ -193,15 +146,15 @@ async def test_a_model_at_zero_serves_its_first_request_after_the_cold_start(app
 async def test_rate_sizing_counts_arrivals_through_serve(app: str) -> None:
     """The replicas' arrival counts reach the policy through Serve's metrics: 6 users size the
     fleet on the arrival rate (far below T = 100 in flight), and it shrinks once they stop."""
-    load = Load(app, RATE, users=6)
+    load = ClosedLoopUsers(app, RATE, users=6, max_tokens=MAX_TOKENS)
     stop = asyncio.Event()
     users = [asyncio.create_task(load.user(i, stop)) for i in range(6)]
     try:
-        up = await watch(RATE, 120, until=3)
+        up = await watch_replicas(RATE, 120, until=3)
     finally:
         stop.set()
         await asyncio.gather(*users)
-    down = await watch(RATE, 60, until=1)
+    down = await watch_replicas(RATE, 60, until=1)
     decisions = await asyncio.to_thread(runtime.autoscaling_decisions, deployment_name(RATE))
     for d in decisions:
         print(f"{d['previous']} -> {d['target']}: {d['reason']}")
