@@ -231,8 +231,13 @@ def decide(
     starting_since = None
     if metrics.current_replicas < target:
         starting_since = state.starting_since_s if state.starting_since_s is not None else now
+    # A model whose replicas are loading has not been idle: the period starts once they run
+    # (counted from the deploy, a model slower to load than scale_to_zero_idle_s went to zero
+    # the moment it came up). Replicas stuck starting count as idle, so a model that cannot be
+    # placed still goes to zero.
+    loading = starting_since is not None and now - starting_since < STARTING_HOLD_MAX_S
     idle_since = None
-    if not load:
+    if not load and not loading:
         idle_since = state.idle_since_s if state.idle_since_s is not None else now
     state = replace(
         state,

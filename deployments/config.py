@@ -230,8 +230,8 @@ class ModelAutoscalingConfig(ScalingConfig):
     )
     scale_to_zero_idle_s: NonNegativeFloat = Field(
         300.0,
-        description="With min_replicas 0: seconds without any request before the last replica "
-        "goes.",
+        description="With min_replicas 0: seconds without any request, counted once the "
+        "replicas have loaded, before the last replica goes.",
     )
     cold_start_timeout_s: PositiveFloat = Field(
         180.0,

@@ -18,7 +18,7 @@ from ray import serve
 from cluster import ingress, runtime
 from cluster.config import IngressConfig
 from deployments.api.openai_app import ModelBackend, OpenAIApp, SharedLimiter
-from deployments.config import AppConfig, ModelConfig, RouterConfig, deployment_name
+from deployments.config import AppConfig, ModelConfig, RouterConfig
 from deployments.engines.base import Engine, EngineOutput, EngineRequest, EngineStats
 from deployments.engines.profiles import ZERO_LATENCY
 from deployments.engines.simulated import SimulatedEngine
@@ -124,19 +124,19 @@ async def simulated_app(
 # ---- an autoscaled deployment under load (tests/integration and tests/e2e) ---------------------
 
 
-def running_replicas(model: str) -> int:
-    """The model's LLMServer replicas Serve reports RUNNING."""
+def running_replicas(deployment: str) -> int:
+    """The deployment's replicas Serve reports RUNNING."""
     app = serve.status().applications[runtime.APP_NAME]
-    states = app.deployments[deployment_name(model)].replica_states
+    states = app.deployments[deployment].replica_states
     return int(states.get("RUNNING", 0))
 
 
-async def watch_replicas(model: str, seconds: float, until: int | None = None) -> list[int]:
+async def watch_replicas(deployment: str, seconds: float, until: int | None = None) -> list[int]:
     """Running replicas every 0.5 s for `seconds` (or until the count is `until`)."""
     counts: list[int] = []
     deadline = time.monotonic() + seconds
     while time.monotonic() < deadline:
-        counts.append(await asyncio.to_thread(running_replicas, model))
+        counts.append(await asyncio.to_thread(running_replicas, deployment))
         if until is not None and counts[-1] == until:
             break
         await asyncio.sleep(0.5)

@@ -26,6 +26,7 @@ from tests.support import ClosedLoopUsers, watch_replicas
 pytestmark = pytest.mark.e2e
 
 MODEL = "tiny-llama"  # the embedded default's model
+DEPLOYMENT = deployment_name(MODEL)
 TARGET_PER_REPLICA = 4
 # ~0.3 s per request at the embedded model's decode speed with a few in a batch.
 SHORT_MAX_TOKENS = 64
@@ -53,7 +54,7 @@ def autoscaled_cluster() -> Iterator[str]:
                 # short horizon sizes for that excess at once.
                 "drain_horizon_s": 0.5,
                 "downscale_delay_s": 3,
-                "scale_to_zero_idle_s": 30,
+                "scale_to_zero_idle_s": 15,
                 # The router holds the first request at zero while a whole engine loads.
                 "cold_start_timeout_s": ENGINE_START_S,
                 "metrics_interval_s": 0.5,
@@ -65,7 +66,7 @@ def autoscaled_cluster() -> Iterator[str]:
 
 
 def decisions() -> list[dict]:
-    return runtime.autoscaling_decisions(deployment_name(MODEL))
+    return runtime.autoscaling_decisions(DEPLOYMENT)
 
 
 async def test_a_load_step_adds_an_engine_and_a_drained_one_drops_no_stream(
@@ -75,14 +76,14 @@ async def test_a_load_step_adds_an_engine_and_a_drained_one_drops_no_stream(
     stop = asyncio.Event()
     users = [asyncio.create_task(load.user(i, stop)) for i in range(3 * TARGET_PER_REPLICA)]
     try:
-        low = await watch_replicas(MODEL, 5)
+        low = await watch_replicas(DEPLOYMENT, 5)
         step_at = time.time()
         load.users = 3 * TARGET_PER_REPLICA  # more than one replica's target: 2, the maximum
-        high = await watch_replicas(MODEL, ENGINE_START_S, until=2)
+        high = await watch_replicas(DEPLOYMENT, ENGINE_START_S, until=2)
         reached_at = time.time()
         # Two users of long streams: a replica goes while one of them is on it, and must drain.
         load.users, load.max_tokens = 2, LONG_MAX_TOKENS
-        down = await watch_replicas(MODEL, 120, until=1)
+        down = await watch_replicas(DEPLOYMENT, 120, until=1)
         # The stream the removed replica held ends before the test does.
         await asyncio.sleep(5)
     finally:
@@ -108,7 +109,7 @@ async def test_a_load_step_adds_an_engine_and_a_drained_one_drops_no_stream(
 async def test_a_model_at_zero_serves_its_next_request_after_a_real_engine_starts(
     autoscaled_cluster: str,
 ) -> None:
-    counts = await watch_replicas(MODEL, 90, until=0)
+    counts = await watch_replicas(DEPLOYMENT, 90, until=0)
     assert counts[-1] == 0, counts
     client = openai.AsyncOpenAI(
         base_url=f"{autoscaled_cluster}/v1", api_key="unused", max_retries=0, timeout=600

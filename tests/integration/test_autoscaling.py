@@ -16,6 +16,7 @@ import httpx
 import pytest
 
 from cluster import runtime
+from deployments.app import ROUTER_DEPLOYMENT
 from deployments.config import AppConfig, RouterConfig, deployment_name
 from tests.integration.conftest import served, simulated_model
 from tests.support import ClosedLoopUsers, watch_replicas
@@ -23,6 +24,7 @@ from tests.support import ClosedLoopUsers, watch_replicas
 pytestmark = pytest.mark.integration
 
 BUSY, COLD, RATE = "busy", "cold", "rate"
+BUSY_DEPLOYMENT = deployment_name(BUSY)
 FAST_METRICS = {"metrics_interval_s": 0.5, "look_back_period_s": 1.5}
 MAX_TOKENS = 150  # ~1 s of decoding per request at the profile's ~5-6 ms steps
 # After the step down: requests long enough (~4 s) that replicas being removed are mid-request.
@@ -77,33 +79,53 @@ def app(embedded_model: Path) -> Iterator[str]:
             **FAST_METRICS,
         },
     )
-    models = [busy, cold, rate]
-    with served(AppConfig(router=RouterConfig(cpus=0.1), models=models)) as url:
+    # The router scales on its own ongoing requests: the busy test's 20 users need 3 routers at
+    # 8 each (capped at 2), its 2 users 1.
+    router = RouterConfig(
+        cpus=0.1,
+        autoscaling={
+            "enabled": True,
+            "min_replicas": 1,
+            "max_replicas": 2,
+            "target_per_replica": 8,
+            "downscale_delay_s": 3,
+            **FAST_METRICS,
+        },
+    )
+    with served(AppConfig(router=router, models=[busy, cold, rate])) as url:
         yield url
 
 
+def print_decisions(deployment: str, decisions: list[dict], since: float) -> None:
+    for d in decisions:
+        change = f"{d['previous']} -> {d['target']}: {d['reason']}"
+        print(f"{deployment} {d['time_s'] - since:+7.1f} s  {change}")
+
+
 async def test_stepped_load_scales_up_and_back_down_without_a_failed_request(app: str) -> None:
+    """The engines 1 -> 4 -> 1 and the routers 1 -> 2 -> 1, both removing replicas while
+    requests stream through them: no request fails or ends short."""
     load = ClosedLoopUsers(app, BUSY, users=2, max_tokens=MAX_TOKENS)
     stop = asyncio.Event()
     users = [asyncio.create_task(load.user(i, stop)) for i in range(20)]
     try:
-        low = await watch_replicas(BUSY, 5)
+        low = await watch_replicas(BUSY_DEPLOYMENT, 5)
         step_at = time.time()
         load.users = 20  # 10x
         # Replica start: 6-30 s here, minutes when other jobs starve the 2 cores.
-        high = await watch_replicas(BUSY, 180, until=4)
+        high = await watch_replicas(BUSY_DEPLOYMENT, 180, until=4)
         reached_at = time.time()
-        high += await watch_replicas(BUSY, 3)
+        high += await watch_replicas(BUSY_DEPLOYMENT, 3)
         # Under load still: replicas are removed mid-request and must drain, not drop.
         load.users, load.max_tokens = 2, LONG_MAX_TOKENS
-        down = await watch_replicas(BUSY, 90, until=1)
+        down = await watch_replicas(BUSY_DEPLOYMENT, 90, until=1)
+        routers_down = await watch_replicas(ROUTER_DEPLOYMENT, 60, until=1)
     finally:
         stop.set()
         await asyncio.gather(*users)
-    decisions = await asyncio.to_thread(runtime.autoscaling_decisions, deployment_name(BUSY))
+    decisions = await asyncio.to_thread(runtime.autoscaling_decisions, BUSY_DEPLOYMENT)
     first_up = next(d for d in decisions if d["direction"] == "up" and d["time_s"] >= step_at)
-    for d in decisions:
-        print(f"{d['time_s'] - step_at:+7.1f} s  {d['previous']} -> {d['target']}: {d['reason']}")
+    print_decisions(BUSY_DEPLOYMENT, decisions, step_at)
     print(
         f"\nload step -> first scale decision {first_up['time_s'] - step_at:.1f} s "
         f"({first_up['previous']} -> {first_up['target']}: {first_up['reason']}); "
@@ -114,12 +136,16 @@ async def test_stepped_load_scales_up_and_back_down_without_a_failed_request(app
     assert max(high) >= 3  # and the replicas did start
     assert down[-1] == 1
     assert any(d["direction"] == "down" for d in decisions if d["time_s"] > first_up["time_s"])
+    routers = await asyncio.to_thread(runtime.autoscaling_decisions, ROUTER_DEPLOYMENT)
+    print_decisions(ROUTER_DEPLOYMENT, routers, step_at)
+    assert any(d["target"] == 2 for d in routers if d["time_s"] >= step_at)
+    assert routers_down[-1] == 1
     assert load.failures == []
     assert load.completed > 50
 
 
 async def test_a_model_at_zero_serves_its_first_request_after_the_cold_start(app: str) -> None:
-    counts = await watch_replicas(COLD, 30, until=0)
+    counts = await watch_replicas(deployment_name(COLD), 30, until=0)
     assert counts[-1] == 0, counts
     async with httpx.AsyncClient(base_url=app, timeout=120) as http:
         started = time.monotonic()
@@ -150,11 +176,11 @@ async def test_rate_sizing_counts_arrivals_through_serve(app: str) -> None:
     stop = asyncio.Event()
     users = [asyncio.create_task(load.user(i, stop)) for i in range(6)]
     try:
-        up = await watch_replicas(RATE, 120, until=3)
+        up = await watch_replicas(deployment_name(RATE), 120, until=3)
     finally:
         stop.set()
         await asyncio.gather(*users)
-    down = await watch_replicas(RATE, 60, until=1)
+    down = await watch_replicas(deployment_name(RATE), 60, until=1)
     decisions = await asyncio.to_thread(runtime.autoscaling_decisions, deployment_name(RATE))
     for d in decisions:
         print(f"{d['previous']} -> {d['target']}: {d['reason']}")

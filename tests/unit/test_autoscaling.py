@@ -370,6 +370,21 @@ def test_serve_taking_zero_to_one_is_recorded_once() -> None:
     assert after.history == own.history
 
 
+def test_the_idle_period_starts_once_the_replica_has_loaded() -> None:
+    """Regression (real vLLM on Ray): the idle period counted from the deploy, so a model whose
+    engine took longer to load than scale_to_zero_idle_s went to zero as soon as it was up."""
+    run = Run(config=ZERO, target=1)
+    assert [run.tick(load=0, running=0) for _ in range(90)] == [1] * 90  # loading
+    targets = [run.tick(load=0) for _ in range(61)]
+    assert targets[:60] == [1] * 60 and targets[60] == 0
+
+
+def test_a_replica_stuck_loading_still_lets_an_idle_model_go_to_zero() -> None:
+    run = Run(config=ZERO, target=1)
+    targets = [run.tick(load=0, running=0) for _ in range(700)]
+    assert targets[659] == 1 and targets[-1] == 0
+
+
 def test_any_request_resets_the_idle_period() -> None:
     run = Run(config=ZERO, target=1)
     for t in range(200):
