@@ -13,7 +13,7 @@ import pytest
 
 from deployments import llm_server
 from deployments.config import ModelConfig
-from deployments.engines.base import EngineStats
+from deployments.engines.base import EngineStats, KVCacheEvent
 from deployments.llm_server import LLMServer
 
 
@@ -38,7 +38,7 @@ class LoadingEngine:
             num_waiting=1, num_running=2, kv_cache_usage=0.5, block_size=16, num_total_blocks=8
         )
 
-    def drain_kv_events(self) -> list:
+    def drain_kv_events(self) -> list[KVCacheEvent]:
         return []
 
 
