@@ -143,6 +143,13 @@ async def watch_replicas(deployment: str, seconds: float, until: int | None = No
     return counts
 
 
+def print_decisions(deployment: str, decisions: list[dict], since: float) -> None:
+    """The autoscaler's decisions for `deployment`, timed from `since` (for `pytest -s`)."""
+    for d in decisions:
+        change = f"{d['previous']} -> {d['target']}: {d['reason']}"
+        print(f"{deployment} {d['time_s'] - since:+7.1f} s  {change}")
+
+
 @dataclass
 class ClosedLoopUsers:
     """Users that each stream a completion through the real `openai` client and send the next

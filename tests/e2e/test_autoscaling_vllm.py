@@ -21,7 +21,7 @@ from cluster import runtime
 from cluster.config import default_config_path, load_config
 from deployments.config import ModelConfig, deployment_name
 from tests.e2e.conftest import deployed
-from tests.support import ClosedLoopUsers, watch_replicas
+from tests.support import ClosedLoopUsers, print_decisions, watch_replicas
 
 pytestmark = pytest.mark.e2e
 
@@ -90,8 +90,7 @@ async def test_a_load_step_adds_an_engine_and_a_drained_one_drops_no_stream(
         stop.set()
         await asyncio.gather(*users)
     made = await asyncio.to_thread(decisions)
-    for d in made:
-        print(f"{d['time_s'] - step_at:+7.1f} s  {d['previous']} -> {d['target']}: {d['reason']}")
+    print_decisions(DEPLOYMENT, made, step_at)
     first_up = next(d for d in made if d["direction"] == "up" and d["time_s"] >= step_at)
     print(
         f"\nload step -> first scale decision {first_up['time_s'] - step_at:.1f} s; "

@@ -19,7 +19,7 @@ from cluster import runtime
 from deployments.app import ROUTER_DEPLOYMENT
 from deployments.config import AppConfig, RouterConfig, deployment_name
 from tests.integration.conftest import served, simulated_model
-from tests.support import ClosedLoopUsers, watch_replicas
+from tests.support import ClosedLoopUsers, print_decisions, watch_replicas
 
 pytestmark = pytest.mark.integration
 
@@ -94,12 +94,6 @@ def app(embedded_model: Path) -> Iterator[str]:
     )
     with served(AppConfig(router=router, models=[busy, cold, rate])) as url:
         yield url
-
-
-def print_decisions(deployment: str, decisions: list[dict], since: float) -> None:
-    for d in decisions:
-        change = f"{d['previous']} -> {d['target']}: {d['reason']}"
-        print(f"{deployment} {d['time_s'] - since:+7.1f} s  {change}")
 
 
 async def test_stepped_load_scales_up_and_back_down_without_a_failed_request(app: str) -> None:
