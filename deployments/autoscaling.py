@@ -235,9 +235,8 @@ def decide(
     # (counted from the deploy, a model slower to load than scale_to_zero_idle_s went to zero
     # the moment it came up). Replicas stuck starting count as idle, so a model that cannot be
     # placed still goes to zero.
-    loading = starting_since is not None and now - starting_since < STARTING_HOLD_MAX_S
     idle_since = None
-    if not load and not loading:
+    if not load and not _starting_not_stuck(starting_since, now):
         idle_since = state.idle_since_s if state.idle_since_s is not None else now
     state = replace(
         state,
@@ -528,14 +527,16 @@ def _repeats_last(state: PolicyState, decision: Decision) -> bool:
     )
 
 
-def _still_starting(metrics: ScalingMetrics, state: PolicyState, now: float) -> bool:
+def _starting_not_stuck(starting_since_s: float | None, now: float) -> bool:
     """Replicas are starting, and not for so long that they look stuck (no room on the
-    cluster, a crash loop): then the policy trusts the load again and may cancel them."""
-    return (
-        state.starting_since_s is not None
-        and now - state.starting_since_s < STARTING_HOLD_MAX_S
-        and metrics.current_replicas > 0
-    )
+    cluster, a crash loop): past that, the policy trusts the load again."""
+    return starting_since_s is not None and now - starting_since_s < STARTING_HOLD_MAX_S
+
+
+def _still_starting(metrics: ScalingMetrics, state: PolicyState, now: float) -> bool:
+    """The last scale-up's replicas are starting (not stuck) beside running ones: no scale-down
+    may cancel them yet."""
+    return _starting_not_stuck(state.starting_since_s, now) and metrics.current_replicas > 0
 
 
 def _floor(config: ScalingConfig, state: PolicyState, target: int, now: float) -> int:
