@@ -21,8 +21,9 @@ $(STAMP): pyproject.toml requirements-cpu.lock
 	@touch $(STAMP)
 
 # Tools the tests run, from apt when missing so a fresh machine passes too: kubectl renders the k8s
-# overlays offline; Prometheus (Debian's) scrapes a local cluster for the dashboard test. Debian
-# has no kubectl package (its kubernetes-client is 1.20, whose kustomize cannot read the overlays):
+# overlays offline; Prometheus (Debian's) scrapes a local cluster for the dashboard test, and its
+# promtool tests the alert rules. Debian has no kubectl package (its kubernetes-client is 1.20,
+# whose kustomize cannot read the overlays):
 # `apt-get install kubectl` works where a Kubernetes or Google Cloud apt repository is configured,
 # as on these machines (package 1:528.0.0-0, kubectl 1.32); elsewhere, a clear stop.
 tools:

@@ -13,6 +13,7 @@ from pathlib import Path
 import httpx
 import openai
 import pytest
+import yaml
 from ray import serve
 
 from cluster import ingress, runtime
@@ -34,6 +35,17 @@ def ingress_environment(config: IngressConfig | None = None) -> Iterator[None]:
         for name, value in ingress.ray_env(config or IngressConfig()).items():
             env.setenv(name, value)
         yield
+
+
+ALERTS_FILE = Path(__file__).parents[1] / "k8s" / "base" / "alerts.yaml"
+
+
+def alert_rules_file(folder: Path) -> Path:
+    """The alert rules of k8s/base/alerts.yaml as a Prometheus rule file in `folder` (the
+    PrometheusRule's spec is one as it stands)."""
+    rules = folder / "rules.yml"
+    rules.write_text(yaml.safe_dump(yaml.safe_load(ALERTS_FILE.read_text())["spec"]))
+    return rules
 
 
 API_MODEL = "tiny"

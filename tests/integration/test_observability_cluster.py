@@ -1,13 +1,15 @@
 """Observability of a real local cluster (Ray Serve, simulated engines): a real Prometheus scrapes
-it under load and every query of the Grafana dashboard (k8s/base/dashboards/inference-cluster.json)
-returns data; a streamed request's spans, exported over OTLP/HTTP by the router and the replica
-processes, form one tree under the client's traceparent."""
+it under load; every query of the Grafana dashboard (k8s/base/dashboards/inference-cluster.json)
+and every series the alert rules (k8s/base/alerts.yaml) read returns data, and Prometheus
+evaluates every rule without error; a streamed request's spans, exported over OTLP/HTTP by the
+router and the replica processes, form one tree under the client's traceparent."""
 
 from __future__ import annotations
 
 import asyncio
 import json
 import math
+import re
 import shutil
 import subprocess
 import threading
@@ -19,6 +21,7 @@ from pathlib import Path
 import httpx
 import pytest
 import ray
+import yaml
 from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceRequest
 from ray import serve
 
@@ -27,6 +30,7 @@ from cluster.dashboard import DASHBOARD_FILE, queries
 from deployments.config import AppConfig, RouterConfig
 from deployments.observability.config import ObservabilityConfig, TracingConfig
 from tests.integration.conftest import free_port, simulated_model
+from tests.support import ALERTS_FILE, alert_rules_file
 
 pytestmark = pytest.mark.integration
 
@@ -138,6 +142,7 @@ def prometheus(cluster: tuple[str, int], tmp_path_factory: pytest.TempPathFactor
         json.dumps(
             {
                 "global": {"scrape_interval": "1s", "evaluation_interval": "1s"},
+                "rule_files": [str(alert_rules_file(folder))],
                 "scrape_configs": [
                     {
                         "job_name": "ray",
@@ -206,10 +211,27 @@ def has_data(result: dict) -> bool:
     return any(not math.isnan(float(series["value"][1])) for series in result["data"]["result"])
 
 
-async def test_every_dashboard_query_returns_data(
+# Matchers that select a failure (a 5xx, a capacity limit): a healthy cluster has no such series,
+# so for those the metric is asked for without the matcher.
+FAILURE_MATCHERS = ('status=~"5.."', 'reason="capacity"')
+
+
+def alert_series() -> list[tuple[str, str]]:
+    """("alert <name>", selector) for every series selector in the alert rules' expressions."""
+    rules = yaml.safe_load(ALERTS_FILE.read_text())["spec"]["groups"][0]["rules"]
+    series = []
+    for rule in rules:
+        for selector in re.findall(r"ray_\w+(?:\{[^}]*\})?", rule["expr"]):
+            if any(matcher in selector for matcher in FAILURE_MATCHERS):
+                selector = selector.split("{")[0]
+            series.append((f"alert {rule['alert']}", selector))
+    return series
+
+
+async def test_every_dashboard_query_and_alert_series_returns_data(
     cluster: tuple[str, int], prometheus: str
 ) -> None:
-    panel_queries = queries(json.loads(DASHBOARD_FILE.read_text()))
+    panel_queries = queries(json.loads(DASHBOARD_FILE.read_text())) + alert_series()
     stop = asyncio.Event()
     loader = asyncio.create_task(load(cluster[0], stop))
     missing = dict.fromkeys(panel_queries)
@@ -229,10 +251,16 @@ async def test_every_dashboard_query_returns_data(
     panels = {title for title, _ in panel_queries}
     empty = {title for title, _ in missing}
     print(
-        f"\nPrometheus: {len(panels) - len(empty)}/{len(panels)} panels with data, "
+        f"\nPrometheus: {len(panels) - len(empty)}/{len(panels)} panels and alerts with data, "
         f"{len(panel_queries) - len(missing)}/{len(panel_queries)} queries; {served} requests"
     )
     assert not missing, f"queries without data after {DATA_TIMEOUT_S} s: {list(missing)}"
+    # Prometheus evaluates the rules every second: each has run on the cluster's series by now.
+    async with httpx.AsyncClient(base_url=prometheus, timeout=10) as http:
+        rules = (await http.get("/api/v1/rules")).json()["data"]["groups"][0]
+    health = {rule["name"]: (rule["health"], rule.get("lastError")) for rule in rules["rules"]}
+    print(f"alert rules: {health}")
+    assert all(state == "ok" for state, _ in health.values()), health
 
 
 def test_a_streamed_request_is_one_trace_tree_across_router_and_replica(

@@ -71,14 +71,16 @@ def validate(obj: dict[str, Any]) -> str:
         # against Kubernetes' own schemas too.
         _validate_embedded(obj)
         return f"CRD {kind} {api_version} (../shared/k8s-schemas)"
-    if api_version == "monitoring.coreos.com/v1" and kind == "PodMonitor":
-        from cloudcoil.models.prometheus_operator.v1 import PodMonitor
+    if api_version == "monitoring.coreos.com/v1" and kind in ("PodMonitor", "PrometheusRule"):
+        from cloudcoil.models.prometheus_operator import v1
 
-        parsed = PodMonitor.model_validate(obj).model_dump(
-            by_alias=True, exclude_unset=True, mode="json"
+        parsed = (
+            getattr(v1, kind)
+            .model_validate(obj)
+            .model_dump(by_alias=True, exclude_unset=True, mode="json")
         )
         # The models ignore unknown fields: a field lost in the round trip is a typo.
-        assert parsed == obj, f"PodMonitor has fields its CRD does not know: {parsed} != {obj}"
+        assert parsed == obj, f"{kind} has fields its CRD does not know: {parsed} != {obj}"
         return "Prometheus Operator CRD models (cloudcoil)"
     kubernetes_validate.validate(obj, KUBERNETES_VERSION, strict=True)
     return f"Kubernetes {KUBERNETES_VERSION} OpenAPI (strict)"

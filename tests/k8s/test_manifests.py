@@ -17,8 +17,15 @@ from deployments.config import AppConfig
 from tests.k8s.manifests import OVERLAYS, REPO, kustomize, validate
 
 EXPECTED_KINDS = {
-    "cpu-demo": ["ConfigMap", "PodMonitor", "RayService"],
-    "gpu": ["ConfigMap", "Job", "PersistentVolumeClaim", "PodMonitor", "RayService"],
+    "cpu-demo": ["ConfigMap", "PodMonitor", "PrometheusRule", "RayService"],
+    "gpu": [
+        "ConfigMap",
+        "Job",
+        "PersistentVolumeClaim",
+        "PodMonitor",
+        "PrometheusRule",
+        "RayService",
+    ],
 }
 
 
