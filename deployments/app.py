@@ -62,7 +62,7 @@ def build_app(args: AppConfig | dict[str, Any]) -> Application:
                         "tracing": config.observability.tracing.model_dump(),
                         "policy": model.routing.policy,
                         "seed": model.routing.seed,
-                        **model.routing.params,
+                        "params": model.routing.params,
                     },
                     request_routing_stats_period_s=model.routing.stats_period_s,
                 ),

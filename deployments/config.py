@@ -20,6 +20,7 @@ from pydantic import (
     NonNegativeInt,
     PositiveFloat,
     PositiveInt,
+    ValidationError,
     ValidationInfo,
     field_validator,
     model_validator,
@@ -122,6 +123,25 @@ class RoutingConfig(StrictModel):
             raise ValueError(f"unknown routing policy {name!r}; known: {sorted(POLICIES)}")
         return name
 
+    @field_validator("params")
+    @classmethod
+    def _policy_params(cls, params: dict[str, Any], info: ValidationInfo) -> dict[str, Any]:
+        """Checked here, when the config loads: the router builds its policy only when Serve
+        first routes a request, so a bad parameter would deploy and then fail every request."""
+        from deployments.routing.policy import POLICIES
+
+        name = info.data.get("policy")
+        if name is None:  # the policy itself was refused
+            return params
+        try:
+            POLICIES[name].Params.model_validate(params)
+        except ValidationError as exc:
+            problems = "; ".join(
+                f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors()
+            )
+            raise ValueError(f"parameters of routing policy {name!r}: {problems}") from None
+        return params
+
 
 class ScalingConfig(StrictModel):
     """Autoscaling of a deployment's replica count (deployments/autoscaling.py). The router uses
@@ -169,13 +189,27 @@ class ScalingConfig(StrictModel):
             raise ValueError("look_back_period_s must be longer than metrics_interval_s")
         return self
 
-    def check_initial_replicas(self, num_replicas: int) -> None:
-        """When autoscaled, num_replicas is the count the deployment starts with: one the policy
-        could choose, and at least 1 (a deployment starts serving; zero comes from idling)."""
-        if self.enabled and not max(self.min_replicas, 1) <= num_replicas <= self.max_replicas:
+    def check_deployment(self, num_replicas: int, max_ongoing_requests: int) -> None:
+        """When autoscaled, the deployment's own fields must fit the policy:
+
+        - num_replicas is the count it starts with: one the policy could choose, and at least 1
+          (a deployment starts serving; zero comes from idling);
+        - a replica never holds more than max_ongoing_requests (Serve queues the rest at the
+          handles), so a larger target_per_replica sizes for batches no replica reaches: the
+          fleet reads as having room and the handles' queue never drains.
+        """
+        if not self.enabled:
+            return
+        if not max(self.min_replicas, 1) <= num_replicas <= self.max_replicas:
             raise ValueError(
                 f"num_replicas ({num_replicas}) is the initial count of an autoscaled "
                 f"deployment: it must be within [max(1, min_replicas), max_replicas]"
+            )
+        if self.target_per_replica > max_ongoing_requests:
+            raise ValueError(
+                f"autoscaling.target_per_replica ({self.target_per_replica:g}) is above "
+                f"max_ongoing_requests ({max_ongoing_requests}), which no replica exceeds: "
+                "lower the target or raise max_ongoing_requests"
             )
 
 
@@ -377,7 +411,7 @@ class ModelConfig(StrictModel):
                 self.simulated = SimulatedEngineConfig()
         elif self.simulated is not None:
             raise ValueError("`simulated` settings apply to engine: simulated only")
-        self.autoscaling.check_initial_replicas(self.num_replicas)
+        self.autoscaling.check_deployment(self.num_replicas, self.max_ongoing_requests)
         if self.device == "cpu" and self.pipeline_parallel_size > 1:
             raise ValueError(
                 "pipeline_parallel_size > 1 needs vLLM's Ray executor, which is GPU-only "
@@ -542,7 +576,7 @@ class RouterConfig(StrictModel):
                 "an autoscaled router needs min_replicas >= 1 (it receives the requests that "
                 "would wake it)"
             )
-        self.autoscaling.check_initial_replicas(self.num_replicas)
+        self.autoscaling.check_deployment(self.num_replicas, self.max_ongoing_requests)
         return self
 
 

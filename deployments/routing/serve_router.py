@@ -91,10 +91,12 @@ class PolicyRequestRouter(FIFOMixin, RequestRouter):
         policy: str = "pow2",
         seed: int | None = None,
         tracing: dict[str, Any] | None = None,
-        **params: Any,
+        params: dict[str, Any] | None = None,
     ) -> None:
         self._policy_name = policy
-        self._policy: RoutingPolicy = create_policy(policy, rng=random.Random(seed), **params)
+        self._policy: RoutingPolicy = create_policy(
+            policy, rng=random.Random(seed), **(params or {})
+        )
         self._tracer = tracer(
             tracer_provider(TracingConfig.model_validate(tracing or {}), "router")
         )

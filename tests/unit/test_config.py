@@ -51,6 +51,29 @@ def test_defaults_fill_in(tmp_path: Path) -> None:
         ({"simulated": {"profile": "nope"}}, "models.0.simulated.profile", "unknown profile"),
         ({"engine_options": {"max_num_seqs": 4}}, "models.0", "engine: vllm only"),
         ({"pipeline_parallel_size": 2}, "models.0", "GPU-only"),
+        # The policy would size for batches Serve never lets a replica reach.
+        (
+            {"max_ongoing_requests": 8, "autoscaling": {"enabled": True}},
+            "models.0",
+            "target_per_replica (16) is above max_ongoing_requests (8)",
+        ),
+        # Routing parameters are the policy's: checked when the config loads, not when Serve
+        # first routes a request (a typo once deployed and then failed every request).
+        (
+            {"routing": {"params": {"spill_sigma": 2}}},
+            "models.0.routing.params",
+            "'cache_load': spill_sigma: Extra inputs are not permitted",
+        ),
+        (
+            {"routing": {"params": {"max_index_blocks": 0}}},
+            "models.0.routing.params",
+            "max_index_blocks: Input should be greater than or equal to 1",
+        ),
+        (
+            {"routing": {"policy": "pow2", "params": {"policy": "round_robin"}}},
+            "models.0.routing.params",
+            "'pow2': policy: Extra inputs are not permitted",
+        ),
     ],
 )
 def test_bad_model_fields_are_named(
@@ -62,6 +85,28 @@ def test_bad_model_fields_are_named(
     text = str(error.value)
     assert f"{field}:" in text, text
     assert message in text, text
+
+
+def test_an_autoscaled_router_sizes_within_its_max_ongoing_requests(tmp_path: Path) -> None:
+    router = {"max_ongoing_requests": 128, "autoscaling": {"enabled": True}}
+    with pytest.raises(ConfigError, match=r"target_per_replica \(256\) is above max_ongoing"):
+        load_config(write(tmp_path, {"models": [SIMULATED_MODEL], "router": router}))
+    router["autoscaling"]["target_per_replica"] = 128
+    load_config(write(tmp_path, {"models": [SIMULATED_MODEL], "router": router}))
+
+
+def test_routing_params_reach_the_router_as_the_policy_s_own(tmp_path: Path) -> None:
+    """In their own argument: a parameter can never replace the policy's name or seed."""
+    from deployments.app import build_app
+
+    routing = {"policy": "cache_load", "seed": 3, "params": {"spill_sigmas": 2.5}}
+    config = load_config(write(tmp_path, {"models": [{**SIMULATED_MODEL, "routing": routing}]}))
+    router = build_app(config.app_config())._bound_deployment
+    (server,) = router.init_args[1].values()  # the model's LLMServer application
+    router_config = server._bound_deployment._deployment_config.request_router_config
+    kwargs = router_config.request_router_kwargs
+    assert (kwargs["policy"], kwargs["seed"]) == ("cache_load", 3)
+    assert kwargs["params"] == {"spill_sigmas": 2.5}
 
 
 def test_vllm_options_owned_by_fields_are_refused(tmp_path: Path) -> None:
