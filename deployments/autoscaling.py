@@ -541,15 +541,19 @@ def _still_starting(metrics: ScalingMetrics, state: PolicyState, now: float) -> 
 
 def _floor(config: ScalingConfig, state: PolicyState, target: int, now: float) -> int:
     """The fewest replicas allowed now: min_replicas, except that a scale-to-zero model keeps one
-    replica until it has been idle for `scale_to_zero_idle_s` (and, once at zero, stays there
-    until a request arrives, which the cold-start rule handles)."""
+    replica until it has been idle for `scale_to_zero_idle_s`, and goes to zero from one replica
+    only (and, once at zero, stays there until a request arrives, which the cold-start rule
+    handles). Why from one only: Serve's wrapper of a custom policy turns any other step to zero
+    into a step to 1 (ray/serve/autoscaling_policy.py, "Downscaling to zero is only allowed
+    from 1 -> 0"), and the next tick read the 1 it applied after the 0 asked for as a cold
+    start, recording one that never happened."""
     if config.min_replicas > 0:
         return config.min_replicas
     if target == 0:
         return 0
     assert isinstance(config, ModelAutoscalingConfig)
     idle = state.idle_since_s
-    if idle is not None and now - idle + 1e-9 >= config.scale_to_zero_idle_s:
+    if target == 1 and idle is not None and now - idle + 1e-9 >= config.scale_to_zero_idle_s:
         return 0
     return 1
 

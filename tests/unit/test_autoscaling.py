@@ -347,6 +347,18 @@ def test_scale_to_zero_after_the_idle_period_then_cold_start() -> None:
     assert decision.target == 5  # a burst at zero: straight to what it needs
 
 
+def test_an_idle_fleet_goes_to_zero_through_one_replica() -> None:
+    """Regression: 2 idle replicas went 2 -> 0 in one step; Serve's wrapper applies only 1 -> 0
+    (it made the step 2 -> 1), and the policy's next run read that 1 after its 0 as a cold
+    start, recording one that never happened. Now: 2 -> 1, then 1 -> 0, and no cold start.
+    (With an idle period shorter than the downscale delay: both run out at the same tick.)"""
+    run = Run(config=ZERO.model_copy(update={"scale_to_zero_idle_s": 10}), target=2)
+    targets = [run.tick(load=0) for _ in range(100)]
+    assert 0 < targets.index(1) < targets.index(0) and set(targets[targets.index(0) :]) == {0}
+    assert [(d.previous, d.target) for d in run.state.history] == [(2, 1), (1, 0)]
+    assert not any(d.reason.startswith("cold start") for d in run.state.history)
+
+
 def test_serve_taking_zero_to_one_is_recorded_once() -> None:
     """On Ray, Serve's cold-start path starts the first replica without calling the policy; the
     policy's next run finds a target above the 0 it returned and records the step."""
