@@ -302,7 +302,11 @@ class PolicyRequestRouter(FIFOMixin, RequestRouter):
         self._routed[key] = (target, request)
         self._calls[request.request_id] = key
         self._in_flight[target] = self._in_flight.get(target, 0) + 1
-        self._policy.on_routed(request, target)
+        # Serve awaits between choosing a replica and this notice, so the replica may have left
+        # meanwhile (a scale-down): the router still counts the request until it ends, but the
+        # policy, which forgot the replica, must not rebuild its load and index entries for good.
+        if target in self._replica_ids:
+            self._policy.on_routed(request, target)
         if len(self._routed) > _MAX_TRACKED_REQUESTS:
             self._finish(next(iter(self._routed)))
         if pending is not None and pending.span is not None:

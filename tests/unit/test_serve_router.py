@@ -414,6 +414,27 @@ async def test_a_replica_dying_under_requests_and_their_retries_leave_no_state()
     assert_in_flight_matches(router)
 
 
+async def test_a_call_routed_to_a_replica_that_just_left_leaves_no_policy_state() -> None:
+    """Serve awaits between choosing a replica and the routed notice; a scale-down in between
+    removed the replica, and the notice re-created its load and index entries in the policy
+    (one more per scale-down, never removed, and the index kept matching the replica)."""
+    router = new_router()
+    replicas = fleet(router)
+    request = pending("late")
+    groups = await router.choose_replicas(replicas, request)
+    gone = groups[0][0]
+    router.update_replicas([r for r in replicas if r.replica_id != gone.replica_id])
+    result = FakeResult()
+    router.on_request_routed(request, gone.replica_id, result)  # type: ignore[arg-type]
+    policy = router._policy
+    assert gone.replica_id.unique_id not in policy._loads  # type: ignore[attr-defined]
+    assert gone.replica_id.unique_id not in policy.index.held  # type: ignore[attr-defined]
+    assert router.tracked_requests() == {"pending": 0, "routed": 1, "policy": 0}
+    result.complete()
+    await settle()
+    assert router.tracked_requests() == IDLE
+
+
 async def test_the_tracked_requests_are_published_after_the_last_change(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
