@@ -535,6 +535,14 @@ class KVEventTranslator:
         self._max_hashes = max_hashes
         # vLLM's hash -> ours; ints unless VLLM_KV_EVENTS_USE_INT_BLOCK_HASHES=0 makes them bytes.
         self._ours: OrderedDict[int | bytes, int] = OrderedDict()
+        # vLLM's hash -> copies of the block in its prefix cache. vLLM does not de-duplicate
+        # (v1/core/block_pool.py, BlockHashToBlockMap, NOTE #1): requests computing one block
+        # at once cache a copy each, with a BlockStored each, and it evicts them one at a time,
+        # with a BlockRemoved each. The replica holds the block until its last copy goes: an
+        # earlier removal, passed on, made the router forget a prefix the engine still serves.
+        # At most max_hashes entries (the oldest count dropped first: its next removal is then
+        # passed on, as without counting).
+        self._copies: dict[int | bytes, int] = {}
         self.untranslated_blocks = 0
 
     def __len__(self) -> int:
@@ -555,6 +563,7 @@ class KVEventTranslator:
             elif kind == "AllBlocksCleared":
                 # vLLM resets its prefix cache only when no block is in use: no chain continues.
                 self._ours.clear()
+                self._copies.clear()
                 ours = AllBlocksCleared()
             else:
                 ours = None  # a kind added after vLLM 0.32: the router has no use for it
@@ -574,6 +583,11 @@ class KVEventTranslator:
     def _stored(self, event: _VLLMBlockStored) -> BlocksStored | None:
         if not self._is_prefix_cache(event.medium, event.group_idx):
             return None
+        copies = self._copies
+        for theirs in event.block_hashes:  # cached whether or not ours can express them
+            copies[theirs] = copies.get(theirs, 0) + 1
+        while len(copies) > self._max_hashes:
+            del copies[next(iter(copies))]
         num_blocks = len(event.block_hashes)
         bs = self._block_size
         keys = event.extra_keys if event.extra_keys is not None else [None] * num_blocks
@@ -620,11 +634,17 @@ class KVEventTranslator:
     def _removed(self, event: _VLLMBlockRemoved) -> BlocksRemoved | None:
         if not self._is_prefix_cache(event.medium, event.group_idx):
             return None
+        gone = []  # blocks whose last copy this event removed
+        for theirs in event.block_hashes:
+            copies = self._copies.pop(theirs, 0)
+            if copies > 1:
+                self._copies[theirs] = copies - 1
+            else:
+                gone.append(theirs)
         # Translations are kept after removal: vLLM's hash is a function of the block's content,
-        # so the pair stays true, and vLLM can hold two copies of one block (computed by two
-        # requests at once) and evict one while the other is still cached and still a parent.
-        hashes = [self._ours[h] for h in event.block_hashes if h in self._ours]
-        self.untranslated_blocks += len(event.block_hashes) - len(hashes)
+        # so the pair stays true when the block is computed again.
+        hashes = [self._ours[h] for h in gone if h in self._ours]
+        self.untranslated_blocks += len(gone) - len(hashes)
         return BlocksRemoved(block_hashes=tuple(hashes)) if hashes else None
 
     @staticmethod

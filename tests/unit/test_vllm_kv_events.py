@@ -139,13 +139,32 @@ def test_removed_blocks_are_reported_by_our_hashes_and_unknown_ones_dropped() ->
 
 
 def test_a_removed_block_still_translates_its_children() -> None:
-    # vLLM may hold two copies of one block (two requests computed it at once) and evict one:
-    # the other stays a parent.
+    # A block evicted and computed again has the same hash: its children still chain from it.
     prompt = tokens(2)
     t = translator()
     t.translate([BlockStored([10], None, prompt[:BS]), BlockRemoved([10])])
+    t.translate([BlockStored([10], None, prompt[:BS])])
     events = t.translate([BlockStored([11], 10, prompt[BS:])])
     assert stored_hashes(events) == block_hashes(prompt, BS)[1:]
+
+
+def test_a_block_cached_twice_is_held_until_its_last_copy_goes() -> None:
+    """vLLM caches a copy of a block per request that computed it at once, and evicts the
+    copies one at a time: the first removal, passed on, made the router forget a prefix the
+    engine still held (and every block after it, as a match stops at a gap)."""
+    prompt = tokens(2)
+    ours = block_hashes(prompt, BS)
+    t = translator()
+    t.translate([BlockStored([10, 11], None, prompt), BlockStored([10, 11], None, prompt)])
+    assert t.translate([BlockRemoved([10])]) == []  # a copy of it is still cached
+    assert t.translate([BlockRemoved([11]), BlockRemoved([10])]) == [
+        BlocksRemoved(block_hashes=(ours[0],))
+    ]
+    assert t.translate([BlockRemoved([11])]) == [BlocksRemoved(block_hashes=(ours[1],))]
+    # A reset forgets the counts: one copy stored after it goes with one removal.
+    t.translate([BlockStored([10], None, prompt[:BS])] * 2 + [AllBlocksCleared()])
+    t.translate([BlockStored([10], None, prompt[:BS])])
+    assert t.translate([BlockRemoved([10])]) == [BlocksRemoved(block_hashes=(ours[0],))]
 
 
 def test_cleared_is_passed_on_and_forgets_every_translation() -> None:
