@@ -455,8 +455,9 @@ class APIKeyConfig(StrictModel):
     )
     tokens_per_minute: PositiveInt | None = Field(
         None,
-        description="Prompt tokens plus max_tokens this key may ask for per minute; none: "
-        "unlimited.",
+        description="Prompt tokens plus max_tokens (times n) this key may ask for per minute, "
+        "as OpenAI counts them; a request without max_tokens asks for the rest of the model's "
+        "context, so a limit below max_model_len needs clients to set it. None: unlimited.",
     )
 
 
