@@ -38,6 +38,11 @@ class PromptTokenizer:
     def vocab_size(self) -> int:
         return len(self._tokenizer)
 
+    @property
+    def chat_template(self) -> str | dict[str, str] | None:
+        """The tokenizer's chat template (transformers keeps several as a dict by name)."""
+        return self._tokenizer.chat_template
+
     @traced_tokenization("text")
     def encode_text(self, text: str) -> list[int]:
         # Completions add the model's special prefix (BOS), as vLLM's completions endpoint does.

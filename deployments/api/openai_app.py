@@ -22,7 +22,7 @@ from pydantic import BaseModel, ValidationError
 from starlette.exceptions import HTTPException
 from starlette.requests import ClientDisconnect
 
-from deployments.api import sse
+from deployments.api import chat, sse
 from deployments.api.auth import Authenticator, Caller
 from deployments.api.errors import (
     APIError,
@@ -118,6 +118,11 @@ class ServedModel:
     tokenizer: PromptTokenizer
     backend: ModelBackend
     created: int = field(default_factory=lambda: int(time.time()))
+    # Whether the chat template handles the developer role (deployments/api/chat.py).
+    developer_role: bool = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.developer_role = chat.supports_developer_role(self.tokenizer.chat_template)
 
 
 @dataclass
@@ -305,6 +310,7 @@ class OpenAIApp:
             _check_token_ids(prompt_ids, served.tokenizer.vocab_size, "prompt")
         max_tokens = body.max_tokens or 16
         _check_context(served.config, len(prompt_ids), max_tokens, "prompt")
+        _check_min_tokens(body.min_tokens, max_tokens, "max_tokens")
         engine_request, headers = await self._admit(
             caller, "cmpl", prompt_ids, body.sampling_params(max_tokens, body.logprobs)
         )
@@ -338,7 +344,7 @@ class OpenAIApp:
         caller = self._auth.authenticate(request.headers)
         body = await self._parse(request, ChatCompletionRequest)
         served = self._served_for(body)
-        messages = [{"role": m.role, "content": m.text()} for m in body.messages]
+        messages = chat.conversation(body.messages, served.developer_role)
         size = sum(len(m["content"]) for m in messages)
         prompt_ids = await _off_loop_if_long(served.tokenizer.encode_chat, messages, size)
         max_tokens = body.requested_max_tokens
@@ -348,6 +354,7 @@ class OpenAIApp:
         _check_context(
             served.config, len(prompt_ids), max_tokens, "messages", body.max_tokens_param
         )
+        _check_min_tokens(body.min_tokens, max_tokens, body.max_tokens_param)
         engine_request, headers = await self._admit(
             caller, "chatcmpl", prompt_ids, body.sampling_params(max_tokens, body.engine_logprobs)
         )
@@ -442,7 +449,9 @@ class OpenAIApp:
     def _served_for(self, body: CompletionRequest | ChatCompletionRequest) -> ServedModel:
         """The requested model, once the request's model-specific fields fit it."""
         served = self._served(body.model)
-        _check_token_ids(body.stop_token_ids or (), served.tokenizer.vocab_size, "stop_token_ids")
+        vocab_size = served.tokenizer.vocab_size
+        _check_token_ids(body.stop_token_ids or (), vocab_size, "stop_token_ids")
+        _check_token_ids(body.allowed_token_ids or (), vocab_size, "allowed_token_ids")
         return served
 
     def _served(self, model: str) -> ServedModel:
@@ -713,6 +722,16 @@ def _check_context(
             f"{limit - prompt_tokens}.",
             param=max_tokens_param,
             code="context_length_exceeded",
+        )
+
+
+def _check_min_tokens(min_tokens: int, max_tokens: int, max_tokens_param: str) -> None:
+    # vLLM's SamplingParams check, against max_tokens as the request ends up with it (for a chat
+    # without one, what is left of the context).
+    if min_tokens > max_tokens:
+        raise bad_request(
+            f"min_tokens must be at most {max_tokens_param} ({max_tokens}), got {min_tokens}.",
+            param="min_tokens",
         )
 
 

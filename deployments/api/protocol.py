@@ -2,26 +2,32 @@
 
 Requests validate every field the engine will see (ranges, types, combinations) so that a bad
 request is a 400 naming the field, never an engine error. Unknown fields are ignored, as vLLM's
-OpenAI server does; known OpenAI fields we do not support are rejected when set, never silently
-dropped. Combinations are checked by field validators of the later field (pydantic hands them the
-earlier ones), so the error's `param` names the field to change. The configurable bounds
-(RequestLimits) come in as the validation context: `Model.model_validate(data, context=limits)`.
+OpenAI server does; known OpenAI and vLLM fields we do not support are rejected when set, never
+silently dropped. Combinations are checked by field validators of the later field (pydantic hands
+them the earlier ones), so the error's `param` names the field to change. A null for a field
+OpenAI marks nullable means its default. The configurable bounds (RequestLimits) come in as the
+validation context: `Model.model_validate(data, context=limits)`.
 """
 
 from __future__ import annotations
 
+import json
 import time
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, ClassVar, Literal
 
 from pydantic import (
     BaseModel,
+    BeforeValidator,
     ConfigDict,
     Field,
     StrictBool,
     StrictInt,
+    ValidationError,
     ValidationInfo,
     field_validator,
+    model_validator,
 )
+from pydantic_core import InitErrorDetails, PydanticUseDefault
 
 from deployments.config import RequestLimits
 from deployments.engines.base import FinishReason, SamplingParams
@@ -32,6 +38,17 @@ FiniteFloat = Annotated[float, Field(allow_inf_nan=False, strict=True)]
 PositiveStrictInt = Annotated[StrictInt, Field(gt=0)]
 NonNegativeStrictInt = Annotated[StrictInt, Field(ge=0)]
 TokenId = NonNegativeStrictInt
+
+
+def _use_default_for_null(value: Any) -> Any:
+    if value is None:
+        raise PydanticUseDefault()
+    return value
+
+
+# For a field OpenAI's spec marks nullable but that has a non-null default: null means the default
+# (vLLM types these `X | None` too), while any other value is still checked strictly.
+NullIsDefault = BeforeValidator(_use_default_for_null)
 
 
 def _limits(info: ValidationInfo) -> RequestLimits:
@@ -45,7 +62,52 @@ class _Request(BaseModel):
 class StreamOptions(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    include_usage: StrictBool = False
+    include_usage: Annotated[StrictBool, NullIsDefault] = False
+
+
+class ResponseFormat(BaseModel):
+    model_config = ConfigDict(extra="allow")
+
+    type: Literal["text", "json_object", "json_schema"]
+
+
+# vLLM's request fields beyond OpenAI's that both endpoints know and this server does not honour
+# (vllm/entrypoints/openai/{completion,chat_completion}/protocol.py), with their defaults: beam
+# search, structured outputs (and the guided_* names they had before vLLM 0.10), output options
+# the simulated engine cannot reproduce (special tokens in the text, bad_words, which vLLM
+# tokenizes inside the engine), prompt truncation, extra logprobs, scheduling and transfer knobs.
+_UNSUPPORTED_VLLM_FIELDS: dict[str, tuple[Any, ...]] = {
+    "use_beam_search": (False,),
+    "length_penalty": (1.0,),  # beam search only
+    "watermarking": (False,),
+    "structured_outputs": (),
+    "guided_json": (),
+    "guided_regex": (),
+    "guided_choice": (),
+    "guided_grammar": (),
+    "bad_words": ([],),
+    "skip_special_tokens": (True,),
+    "spaces_between_special_tokens": (True,),
+    "truncate_prompt_tokens": (),
+    "truncation_side": (),
+    "prompt_logprobs": (),
+    "logprob_token_ids": (),
+    "return_tokens_as_token_ids": (False,),
+    "return_token_ids": (False,),
+    "thinking_token_budget": (),
+    "repetition_detection": (),
+    "stream_interval": (),
+    "priority": (0,),
+    "cache_salt": (),  # the router salts the prefix cache per tenant
+    "kv_transfer_params": (),
+    "ec_transfer_params": (),
+    "vllm_xargs": (),
+}
+
+
+def _same(value: Any, default: Any) -> bool:
+    """JSON equality: `true` is not 1 (Python's == says it is), but 1 is 1.0."""
+    return value == default and isinstance(value, bool) == isinstance(default, bool)
 
 
 class _SamplingFields(_Request):
@@ -55,17 +117,53 @@ class _SamplingFields(_Request):
     temperature: FiniteFloat | None = Field(None, ge=0.0, le=2.0)
     top_p: FiniteFloat | None = Field(None, gt=0.0, le=1.0)
     top_k: StrictInt | None = Field(None, ge=-1, description="vLLM extension; 0 or -1: off.")
-    n: PositiveStrictInt = 1
+    n: Annotated[PositiveStrictInt, NullIsDefault] = 1
     seed: StrictInt | None = Field(None, ge=-(2**63), lt=2**63)
     stop: str | list[str] | None = None
     stop_token_ids: list[TokenId] | None = None
     presence_penalty: FiniteFloat | None = Field(None, ge=-2.0, le=2.0)
     frequency_penalty: FiniteFloat | None = Field(None, ge=-2.0, le=2.0)
+    # vLLM's sampling extensions, with the ranges vLLM's SamplingParams._verify_args enforces
+    # (vllm/sampling_params.py); min_tokens <= max_tokens is checked once max_tokens is known.
+    min_p: FiniteFloat | None = Field(None, ge=0.0, le=1.0)
+    repetition_penalty: FiniteFloat | None = Field(None, gt=0.0)
+    min_tokens: NonNegativeStrictInt = 0
+    include_stop_str_in_output: StrictBool = False
+    allowed_token_ids: list[TokenId] | None = Field(None, min_length=1)
     ignore_eos: StrictBool = False
-    stream: StrictBool = False
+    stream: Annotated[StrictBool, NullIsDefault] = False
     stream_options: StreamOptions | None = None
     user: str | None = Field(None, max_length=256)
     logit_bias: dict[str, float] | None = None
+    response_format: ResponseFormat | None = None
+
+    # Known request fields (OpenAI's and vLLM's) this server does not honour, each with the values
+    # that ask for nothing besides null: its default. Any other value is a 400 naming the field, as
+    # a field validator's would be; unknown fields stay ignored, as vLLM ignores them. Fields that
+    # only label a request (metadata, store, service_tier, prompt_cache_key, safety_identifier,
+    # vLLM's request_id and session_id) change no answer and are ignored like `user`.
+    unsupported: ClassVar[dict[str, tuple[Any, ...]]] = _UNSUPPORTED_VLLM_FIELDS
+
+    @model_validator(mode="before")
+    @classmethod
+    def _refuse_unsupported(cls, data: Any) -> Any:
+        if not isinstance(data, dict):
+            return data  # pydantic's own error says what is wrong
+        for name, value in data.items():
+            allowed = cls.unsupported.get(name)
+            if allowed is None or value is None or any(_same(value, a) for a in allowed):
+                continue
+            unset = " or ".join(["null", *(json.dumps(a) for a in allowed)])
+            error = ValueError(f"{name} is not supported by this server (send {unset} or omit it)")
+            raise ValidationError.from_exception_data(
+                cls.__name__,
+                [
+                    InitErrorDetails(
+                        type="value_error", loc=(name,), input=value, ctx={"error": error}
+                    )
+                ],
+            )
+        return data
 
     @field_validator("n")
     @classmethod
@@ -114,6 +212,13 @@ class _SamplingFields(_Request):
             raise ValueError("logit_bias is not supported")
         return bias
 
+    @field_validator("response_format")
+    @classmethod
+    def _text_only(cls, response_format: ResponseFormat | None) -> ResponseFormat | None:
+        if response_format is not None and response_format.type != "text":
+            raise ValueError(f"response_format {response_format.type!r} is not supported")
+        return response_format
+
     @property
     def include_usage_chunk(self) -> bool:
         return self.stream_options is not None and self.stream_options.include_usage
@@ -132,6 +237,13 @@ class _SamplingFields(_Request):
             stop_token_ids=tuple(self.stop_token_ids or ()),
             presence_penalty=self.presence_penalty or 0.0,
             frequency_penalty=self.frequency_penalty or 0.0,
+            min_p=self.min_p or 0.0,
+            repetition_penalty=1.0 if self.repetition_penalty is None else self.repetition_penalty,
+            min_tokens=self.min_tokens,
+            include_stop_str_in_output=self.include_stop_str_in_output,
+            allowed_token_ids=None
+            if self.allowed_token_ids is None
+            else tuple(self.allowed_token_ids),
             logprobs=logprobs,
             n=self.n,
             ignore_eos=self.ignore_eos,
@@ -139,11 +251,17 @@ class _SamplingFields(_Request):
 
 
 class CompletionRequest(_SamplingFields):
+    unsupported = {
+        **_UNSUPPORTED_VLLM_FIELDS,
+        "prompt_embeds": (),
+        "add_special_tokens": (True,),  # the prompt gets BOS, as vLLM's default does
+    }
+
     # One prompt: text or token ids. (A batch of prompts in one request is not supported.)
     prompt: str | list[TokenId] | list[str] | list[list[TokenId]]
     max_tokens: PositiveStrictInt | None = 16  # OpenAI's default for completions.
     logprobs: NonNegativeStrictInt | None = None
-    echo: StrictBool = False
+    echo: Annotated[StrictBool, NullIsDefault] = False
     suffix: str | None = None
     best_of: PositiveStrictInt | None = None
 
@@ -214,28 +332,40 @@ class ChatMessage(BaseModel):
 
     _no_tool_calls = field_validator("tool_calls")(_no_tool_use)
 
-    def text(self) -> str:
-        if isinstance(self.content, list):
-            return "".join(part.text for part in self.content)
-        return self.content or ""
-
-
-class ResponseFormat(BaseModel):
-    model_config = ConfigDict(extra="allow")
-
-    type: Literal["text", "json_object", "json_schema"]
-
 
 class ChatCompletionRequest(_SamplingFields):
+    unsupported = {
+        **_UNSUPPORTED_VLLM_FIELDS,
+        # OpenAI's: other output modalities, predicted outputs, reasoning and search options
+        "modalities": (["text"],),
+        "audio": (),
+        "prediction": (),
+        "reasoning_effort": (),
+        "verbosity": (),
+        "web_search_options": (),
+        # vLLM's chat template and rendering options (the router renders with the template as
+        # is: deployments/api/chat.py)
+        "echo": (False,),
+        "add_generation_prompt": (True,),
+        "continue_final_message": (False,),
+        "add_special_tokens": (False,),
+        "documents": (),
+        "chat_template": (),
+        "chat_template_kwargs": (),
+        "media_io_kwargs": (),
+        "mm_processor_kwargs": (),
+        "return_prompt_text": (False,),
+    }
+
     messages: list[ChatMessage] = Field(min_length=1)
     max_tokens: PositiveStrictInt | None = None
     max_completion_tokens: PositiveStrictInt | None = None
-    logprobs: StrictBool = False
+    logprobs: Annotated[StrictBool, NullIsDefault] = False
     top_logprobs: NonNegativeStrictInt | None = None
-    response_format: ResponseFormat | None = None
     # Tool calling, and its deprecated functions form: refused unless they ask for no tool use.
-    tools: list[dict[str, Any]] | None = None
+    # tool_choice comes before tools, whose validator reads it.
     tool_choice: str | dict[str, Any] | None = None
+    tools: list[dict[str, Any]] | None = None
     parallel_tool_calls: StrictBool | None = None
     functions: list[dict[str, Any]] | None = None
     function_call: str | dict[str, Any] | None = None
@@ -257,16 +387,22 @@ class ChatCompletionRequest(_SamplingFields):
             raise ValueError("top_logprobs requires logprobs to be true")
         return _check_logprobs(top, info)
 
-    @field_validator("response_format")
-    @classmethod
-    def _text_only(cls, response_format: ResponseFormat | None) -> ResponseFormat | None:
-        if response_format is not None and response_format.type != "text":
-            raise ValueError(f"response_format {response_format.type!r} is not supported")
-        return response_format
+    _no_tools = field_validator("tool_choice", "parallel_tool_calls", "functions", "function_call")(
+        _no_tool_use
+    )
 
-    _no_tools = field_validator(
-        "tools", "tool_choice", "parallel_tool_calls", "functions", "function_call"
-    )(_no_tool_use)
+    @field_validator("tools")
+    @classmethod
+    def _tools_unused(
+        cls, tools: list[dict[str, Any]] | None, info: ValidationInfo
+    ) -> list[dict[str, Any]] | None:
+        # tool_choice "none" asks for a text answer whatever the tools, and OpenAI and vLLM give
+        # one. This server does not call tools, so it does not render them into the prompt
+        # either: vLLM's prompt with --exclude-tools-when-tool-choice-none. Without "none" the
+        # default is "auto", which is refused.
+        if info.data.get("tool_choice") == "none":
+            return tools
+        return _no_tool_use(tools, info)
 
     @property
     def requested_max_tokens(self) -> int | None:

@@ -27,10 +27,25 @@ class SamplingParams(_Frozen):
     top_p: float = Field(1.0, gt=0.0, le=1.0)
     top_k: int = Field(0, ge=-1, description="0 or -1 disables top-k.")
     seed: int | None = Field(None, description="Per-request seed for reproducible sampling.")
-    stop: tuple[str, ...] = Field((), description="Stop strings (not included in the output).")
+    stop: tuple[str, ...] = Field((), description="Stop strings (see include_stop_str_in_output).")
     stop_token_ids: tuple[int, ...] = Field((), description="Token ids that end a choice.")
     presence_penalty: float = Field(0.0, ge=-2.0, le=2.0)
     frequency_penalty: float = Field(0.0, ge=-2.0, le=2.0)
+    min_p: float = Field(
+        0.0, ge=0.0, le=1.0, description="Drop tokens below min_p times the top probability."
+    )
+    repetition_penalty: float = Field(
+        1.0, gt=0.0, description="Above 1 discourages tokens already in prompt or output."
+    )
+    min_tokens: NonNegativeInt = Field(
+        0, description="Tokens to generate before a stop token or stop string may end a choice."
+    )
+    include_stop_str_in_output: bool = Field(
+        False, description="Keep the stop string (or stop token's text) that ended a choice."
+    )
+    allowed_token_ids: tuple[int, ...] | None = Field(
+        None, description="The only tokens that may be sampled; None: any."
+    )
     logprobs: NonNegativeInt | None = Field(
         None, description="Alternatives per token to return log-probabilities for; None: none."
     )

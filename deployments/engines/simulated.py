@@ -109,6 +109,7 @@ class SampledToken(NamedTuple):
 
 
 _WAITING, _RUNNING, _FINISHED = 0, 1, 2
+_NO_TOKENS: frozenset[int] = frozenset()
 
 
 class _Seq:
@@ -119,6 +120,7 @@ class _Seq:
         "hashes",
         "holdback",
         "index",
+        "min_text_len",
         "num_cached",
         "num_computed",
         "num_hashed",
@@ -146,6 +148,8 @@ class _Seq:
         # Like vLLM's detokenizer, hold back what could be the start of a stop string, so no
         # emitted text ever has to be taken back.
         self.holdback = max(map(len, sampling.stop), default=1) - 1
+        # Length of the text of the first min_tokens tokens: a stop string must end after it.
+        self.min_text_len = 0
         self.rng = rng
         self.tokens: list[int] = list(request.prompt_token_ids)
         self.num_prompt = len(self.tokens)
@@ -448,12 +452,15 @@ class SimulatedEngineCore:
         # calls per token (test_tokens_replay_earlier_runs pins ids randrange drew).
         getrandbits = seq.rng.getrandbits
         vocab = self._vocab
+        sampling = seq.sampling
+        # No stop token is drawn before min_tokens: vLLM's MinTokensLogitsProcessor masks them.
+        early = len(seq.tokens) - seq.num_prompt < sampling.min_tokens
+        banned = seq.stop_ids if early else _NO_TOKENS
         token = getrandbits(self._vocab_bits)
-        while token >= vocab:
+        while token >= vocab or token in banned:
             token = getrandbits(self._vocab_bits)
         seq.tokens.append(token)
         seq.prefilled = True
-        sampling = seq.sampling
         finish: FinishReason | None = None
         if token in seq.stop_ids:
             finish = "stop"
@@ -491,16 +498,26 @@ class SimulatedEngineCore:
     def _text_delta(self, seq: _Seq, finished: bool, by_stop_token: bool) -> tuple[str, bool]:
         """New text of the choice since the last output, and whether a stop string ended it."""
         assert self._detokenize is not None
+        sampling = seq.sampling
         output_ids = seq.tokens[seq.num_prompt :]
-        if by_stop_token:
+        num_output = len(output_ids)
+        if by_stop_token and not sampling.include_stop_str_in_output:
             output_ids = output_ids[:-1]  # vLLM keeps a stop token's id but not its text
         text = self._detokenize(output_ids)
+        if num_output == sampling.min_tokens:
+            seq.min_text_len = len(text)
         hit_stop = False
-        if seq.sampling.stop:
-            # Held-back text is never emitted, so an occurrence cannot start before text_sent.
-            found = [i for s in seq.sampling.stop if (i := text.find(s, seq.text_sent)) >= 0]
+        if sampling.stop and num_output > sampling.min_tokens:
+            # Held-back text is never emitted, so an occurrence cannot start before text_sent;
+            # like vLLM's detokenizer, one that ends within the first min_tokens tokens' text
+            # does not count.
+            found = [
+                (i, i + len(s) if sampling.include_stop_str_in_output else i)
+                for s in sampling.stop
+                if (i := text.find(s, max(seq.text_sent, seq.min_text_len - len(s) + 1))) >= 0
+            ]
             if found:
-                text = text[: min(found)]
+                text = text[: min(found)[1]]
                 hit_stop = finished = True
         end = len(text)
         if not finished:

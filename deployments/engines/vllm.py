@@ -372,6 +372,13 @@ def _vllm_sampling_params(sampling: SamplingParams) -> VLLMSamplingParams:
         stop_token_ids=list(sampling.stop_token_ids),
         presence_penalty=sampling.presence_penalty,
         frequency_penalty=sampling.frequency_penalty,
+        min_p=sampling.min_p,
+        repetition_penalty=sampling.repetition_penalty,
+        min_tokens=sampling.min_tokens,
+        include_stop_str_in_output=sampling.include_stop_str_in_output,
+        allowed_token_ids=(
+            None if sampling.allowed_token_ids is None else list(sampling.allowed_token_ids)
+        ),
         logprobs=sampling.logprobs,
         ignore_eos=sampling.ignore_eos,
         # Each output then carries only the new tokens, which is what EngineOutput promises.
