@@ -51,6 +51,10 @@ def _use_default_for_null(value: Any) -> Any:
 NullIsDefault = BeforeValidator(_use_default_for_null)
 
 
+# vLLM samples greedily below this temperature (vllm/sampling_params.py, _SAMPLING_EPS).
+_GREEDY_BELOW = 1e-5
+
+
 def _limits(info: ValidationInfo) -> RequestLimits:
     return info.context if isinstance(info.context, RequestLimits) else RequestLimits()
 
@@ -171,6 +175,11 @@ class _SamplingFields(_Request):
         limit = _limits(info).max_n
         if n > limit:
             raise ValueError(f"at most {limit} choices per request")
+        temperature = info.data.get("temperature")
+        if n > 1 and temperature is not None and temperature < _GREEDY_BELOW:
+            # vLLM refuses it (SamplingParams._verify_greedy_sampling), which reached the
+            # client as a 500 from the vLLM engine only: every choice would be the same.
+            raise ValueError("n must be 1 with greedy sampling (temperature 0)")
         return n
 
     @field_validator("stop")
@@ -232,7 +241,7 @@ class _SamplingFields(_Request):
             temperature=1.0 if self.temperature is None else self.temperature,
             top_p=1.0 if self.top_p is None else self.top_p,
             top_k=self.top_k or 0,
-            seed=self.seed,
+            seed=None if self.seed == -1 else self.seed,  # vLLM's "no seed", for both engines
             stop=self.stop_list(),
             stop_token_ids=tuple(self.stop_token_ids or ()),
             presence_penalty=self.presence_penalty or 0.0,

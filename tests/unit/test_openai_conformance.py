@@ -236,6 +236,9 @@ async def test_vllm_sampling_extensions_reach_the_engine(client: httpx.AsyncClie
         assert sampling.allowed_token_ids == (5, 6, 7)
     await ok(client, CHAT, chat_body())
     assert last_request().sampling.repetition_penalty == 1.0  # vLLM's default, not 0
+    # seed -1 is vLLM's "no seed": both engines get None (the simulated one took it as a seed).
+    await ok(client, CHAT, chat_body(seed=-1, temperature=0, n=1))
+    assert last_request().sampling.seed is None
 
 
 @pytest.mark.parametrize(
@@ -250,6 +253,8 @@ async def test_vllm_sampling_extensions_reach_the_engine(client: httpx.AsyncClie
         ({"include_stop_str_in_output": "yes"}, "include_stop_str_in_output"),
         ({"allowed_token_ids": []}, "allowed_token_ids"),
         ({"allowed_token_ids": [10**6]}, "allowed_token_ids"),
+        # Greedy choices are all the same: vLLM refuses n > 1, which was a 500 on it only.
+        ({"temperature": 0, "n": 2}, "n"),
     ],
 )
 async def test_vllm_sampling_extensions_get_vllms_ranges(
