@@ -131,6 +131,13 @@ def test_unreadable_files(tmp_path: Path, content: str, message: str) -> None:
         load_config(path)
 
 
+def test_a_config_that_is_not_utf8_is_a_config_error(tmp_path: Path) -> None:
+    path = tmp_path / "c.yaml"
+    path.write_text((CONFIGS / "simulated.yaml").read_text(), encoding="utf-16")
+    with pytest.raises(ConfigError, match="not UTF-8 text"):
+        load_config(path)
+
+
 def test_cli_validate_exit_codes(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["config", "validate", str(CONFIGS / "simulated.yaml")]) == 0
     bad = write(tmp_path, {"models": [{**SIMULATED_MODEL, "num_replicas": -1}]})
