@@ -100,8 +100,8 @@ class ReplicaLoad:
     running: float
     waiting: float
     kv_cache_usage: float = 0.0
-    finished_per_s: float = 0.0  # requests completed per second, recently
-    arrived_per_s: float = 0.0  # requests accepted per second, recently
+    finished_per_s: float = 0.0  # requests completed per second, recently (in choices)
+    arrived_per_s: float = 0.0  # requests accepted per second, recently (in choices)
 
 
 @dataclass(frozen=True)

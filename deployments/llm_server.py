@@ -3,6 +3,12 @@
 Token-in, token-out: `generate` takes an EngineRequest (token ids from the router) and streams
 EngineOutputs. Serve calls `check_health`, `record_routing_stats` and `record_autoscaling_stats`
 on its own schedule; routers and the autoscaler consume what they return.
+
+Every method is async: Serve runs a replica's sync methods in a thread pool
+(RAY_SERVE_RUN_SYNC_IN_THREADPOOL, on by default in Ray 2.60), where the stats reports raced the
+event loop's KV event drain and the engine (a report failed with "dictionary changed size during
+iteration"; events were lost or reordered, and the routers kept blocks the engine had evicted).
+On the loop, each runs whole between two of the loop's steps.
 """
 
 from __future__ import annotations
@@ -118,7 +124,10 @@ class LLMServer:
         self._predictions = _PredictionMetrics(model.name)
         # Requests finished and accepted, and (time, finished, accepted) at the last autoscaling
         # report: between two reports, the replica's throughput (the autoscaler drains backlogs
-        # with it) and its share of the arrival rate (the rate sizing's signal).
+        # with it) and its share of the arrival rate (the rate sizing's signal). Counted in
+        # choices, as the engines count running and waiting (a request with n choices is n
+        # sequences in the batch): in requests, a backlog of n-choice requests was divided by a
+        # rate n times too small.
         self._finished = 0
         self._arrived = 0
         self._counts_reported = (time.monotonic(), 0, 0)
@@ -139,7 +148,8 @@ class LLMServer:
 
         `routing` is what our request router believed about this replica's cache (it adds it
         to the call); the engine's answer is compared with it when the first output arrives."""
-        self._arrived += 1
+        choices = request.sampling.n
+        self._arrived += choices
         queue: asyncio.Queue[Any] = asyncio.Queue()
         stream = self._telemetry.generate(request, self._engine.generate(request))
         predicted = None if routing is None else routing.predicted_tokens(self._replica_id)
@@ -152,7 +162,7 @@ class LLMServer:
                         self._predictions.record(predicted, output.num_cached_tokens)
                         predicted = None
                     queue.put_nowait(output)
-                self._finished += 1
+                self._finished += choices
                 queue.put_nowait(_END)
             except Exception as exc:  # handed to the consumer, which re-raises it
                 if isinstance(exc, EngineDeadError):
@@ -212,16 +222,19 @@ class LLMServer:
         await self._engine.check_health()
         return self._engine.stats()
 
-    def replica_status(self) -> dict[str, Any]:
+    async def replica_status(self) -> dict[str, Any]:
         """Engine stats and the routers' predictions, for `inference-cluster status` and `serve`'s
         drain. Free of side effects: a call of record_routing_stats advances the version that
         picks which window carries the routers' KV snapshot."""
+        return self._status()
+
+    def _status(self) -> dict[str, Any]:
         return {
             "stats": self._engine.stats().model_dump(),
             "predictions": self._predictions.totals(),
         }
 
-    def record_routing_stats(self) -> dict[str, Any]:
+    async def record_routing_stats(self) -> dict[str, Any]:
         """Engine stats and the newest window of KV cache events, for every router replica
         (Serve's controller polls this and broadcasts it; see deployments/routing/kv_log.py)."""
         self._kv_log.extend(self._engine.drain_kv_events())
@@ -233,10 +246,10 @@ class LLMServer:
             # lets routers tell a fresh snapshot from a replay of one they already applied.
             "version": self._stats_version,
             "kv_events": self._kv_log.window(with_snapshot=snapshot),
-            **self.replica_status(),
+            **self._status(),
         }
 
-    def record_autoscaling_stats(self) -> dict[str, float]:
+    async def record_autoscaling_stats(self) -> dict[str, float]:
         if self._stopping:
             # The engine is going. Serve drained this replica before __del__ and counts only
             # running replicas: no report, rather than an error logged at every push.

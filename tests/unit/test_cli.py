@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import os
 import pickle
 import signal
@@ -125,9 +126,13 @@ class _ReplicaActor:
     for handle calls, which runs the method the request metadata names."""
 
     def __init__(self, server: LLMServer) -> None:
-        self.record_routing_stats = types.SimpleNamespace(remote=server.record_routing_stats)
+        self.record_routing_stats = types.SimpleNamespace(
+            remote=lambda: asyncio.run(server.record_routing_stats())
+        )
         self.handle_request = types.SimpleNamespace(
-            remote=lambda metadata: getattr(server, pickle.loads(metadata).call_method)()
+            remote=lambda metadata: asyncio.run(
+                getattr(server, pickle.loads(metadata).call_method)()
+            )
         )
 
 
@@ -142,7 +147,7 @@ def test_status_leaves_the_routers_kv_snapshot_turns_alone(
 
     polls = []
     for _ in range(7):
-        polls.append(server.record_routing_stats())  # Serve's controller
+        polls.append(asyncio.run(server.record_routing_stats()))  # Serve's controller
         status = runtime._replica_stats("SERVE_REPLICA::inference-cluster#LLMServer-m#a", 1.0)
         assert status.stats == {"num_running": 0, "num_waiting": 0}, status.error
         assert status.predictions == {"predicted_cached_tokens": 0}

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import inspect
 import types
 from pathlib import Path
 
@@ -82,14 +83,31 @@ async def test_a_replica_stopped_while_its_engine_loads_shuts_the_engine_down(
         await constructing
 
 
+def test_serve_calls_every_method_on_the_replicas_event_loop() -> None:
+    """Serve runs sync methods in a thread pool, where the stats reports raced the loop's KV
+    event drain (a report failed; events were lost or reordered): none may be sync."""
+    methods = {
+        name: method
+        for name, method in vars(LLMServer).items()
+        if inspect.isfunction(method) and (not name.startswith("_") or name == "__del__")
+    }
+    assert {"generate", "record_routing_stats", "record_autoscaling_stats"} <= methods.keys()
+    sync = [
+        name
+        for name, method in methods.items()
+        if not (inspect.iscoroutinefunction(method) or inspect.isasyncgenfunction(method))
+    ]
+    assert sync == []
+
+
 async def test_a_stopping_replica_reports_no_autoscaling_metrics_instead_of_failing(
     engine: LoadingEngine, embedded_model: Path
 ) -> None:
     engine.loaded.set()
     replica = ServedReplica.__new__(ServedReplica)
     await replica.__init__(model(embedded_model))
-    report = replica.record_autoscaling_stats()
+    report = await replica.record_autoscaling_stats()
     assert (report["running"], report["waiting"], report["kv_cache_usage"]) == (2.0, 1.0, 0.5)
     await replica.stop()
     assert engine.shut_down
-    assert replica.record_autoscaling_stats() == {}
+    assert await replica.record_autoscaling_stats() == {}

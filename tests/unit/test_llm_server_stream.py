@@ -118,3 +118,17 @@ async def test_interval_zero_sends_each_output_as_it_comes() -> None:
     engine.feed.put_nowait(None)
     with pytest.raises(StopAsyncIteration):
         await asyncio.wait_for(anext(stream), DEADLINE_S)
+
+
+async def test_the_throughput_the_autoscaler_reads_counts_choices() -> None:
+    """The engines count a request with n choices as n sequences (running, waiting): the
+    finished and accepted counts must too, or a backlog of them is divided by a rate n times
+    too small."""
+    engine = ScriptedEngine()
+    server = StreamOnlyServer(engine, stream_interval_ms=0)
+    request = REQUEST.model_copy(update={"sampling": SamplingParams(max_tokens=8, n=3)})
+    stream = server.generate(request)
+    engine.feed.put_nowait(output(7, finish=True))
+    engine.feed.put_nowait(None)
+    assert [tokens(batch) async for batch in stream] == [[7]]
+    assert (server._arrived, server._finished) == (3, 3)
