@@ -138,7 +138,9 @@ class KubernetesConfig(StrictModel):
     model_cache_claim: str | None = Field(
         None,
         description="PersistentVolumeClaim holding model weights, mounted at /models on "
-        "every worker pod; none mounts an emptyDir (weights baked into the image).",
+        "every worker pod, which waits until /models/.complete exists (whatever fills the "
+        "claim writes it last, as the gpu overlay's download Job does); none mounts an "
+        "emptyDir (weights baked into the image).",
     )
     hf_token_secret: str = Field(
         "hf-token",

@@ -193,6 +193,28 @@ def test_validation_catches_mistakes(where: str, break_it: Any) -> None:
         validate(broken)
 
 
+def test_pods_on_a_model_claim_wait_for_the_download_to_complete() -> None:
+    """Started before the weights were there, the router's and engines' constructors failed,
+    Serve gave up on the deployment and KubeRay never re-submitted it: the gpu overlay's pods
+    now wait for the file its download Job writes last. Baked-in weights wait for nothing."""
+    gpu = kustomize("gpu")
+    groups = next(o for o in gpu if o["kind"] == "RayService")["spec"]["rayClusterConfig"]
+    for group in groups["workerGroupSpecs"]:
+        (wait,) = group["template"]["spec"]["initContainers"]
+        assert k8s_render.MODELS_READY_FILE in wait["command"][-1], group["groupName"]
+        assert wait["volumeMounts"][0]["name"] == "model-cache"
+        assert wait["image"] == group["template"]["spec"]["containers"][0]["image"]
+    job = next(o for o in gpu if o["kind"] == "Job")
+    script = job["spec"]["template"]["spec"]["containers"][0]["command"][-1]
+    assert (
+        script.rstrip()
+        .splitlines()[-1]
+        .startswith(f'Path("{k8s_render.MODELS_READY_FILE}").write_text')
+    )
+    demo = rayservice("cpu-demo")["spec"]["rayClusterConfig"]["workerGroupSpecs"]
+    assert not any("initContainers" in g["template"]["spec"] for g in demo)
+
+
 def test_podmonitor_validation_catches_an_unknown_field() -> None:
     monitor = next(o for o in kustomize("cpu-demo") if o["kind"] == "PodMonitor")
     monitor["spec"]["podMetricsEndpoints"][0]["scrapeInterval"] = "15s"
