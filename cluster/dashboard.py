@@ -40,10 +40,16 @@ def _quantiles(metric: str, by: str = "model") -> tuple[Query, ...]:
     return tuple(
         Query(
             f"histogram_quantile({q}, sum by ({by}, le) (rate({metric}_bucket[{RATE_WINDOW}])))",
-            f"p{round(q * 100)} {{{{{by}}}}}",
+            f"p{round(q * 100)} {_legend(by)}",
         )
         for q in (0.5, 0.99)
     )
+
+
+def _legend(by: str) -> str:
+    """Grafana's legend of a `by` clause: one {{label}} per label (a "{{a, b}}" names no label,
+    and Grafana prints it as is)."""
+    return " ".join(f"{{{{{label.strip()}}}}}" for label in by.split(","))
 
 
 def _rate(metric: str, by: str) -> str:
@@ -53,7 +59,7 @@ def _rate(metric: str, by: str) -> str:
 def _token_rates(prefix: str, by: str) -> tuple[Query, ...]:
     """Prompt, completion and cached tokens/s from `<prefix>_<kind>_tokens_total`, per `by`."""
     return tuple(
-        Query(_rate(f"{prefix}_{kind}_tokens_total", by), f"{kind} {{{{{by}}}}}")
+        Query(_rate(f"{prefix}_{kind}_tokens_total", by), f"{kind} {_legend(by)}")
         for kind in ("prompt", "completion", "cached")
     )
 

@@ -68,7 +68,9 @@ from deployments.engines.base import (
 )
 from deployments.observability.middleware import (
     observe_engine_call,
+    observe_model,
     observe_outputs,
+    observe_stream_error,
     observe_tenant,
 )
 from deployments.tokenizer import PromptTokenizer
@@ -458,6 +460,7 @@ class OpenAIApp:
         served = self._models.get(model)
         if served is None:
             raise model_not_found(model)
+        observe_model(model)
         return served
 
     async def _generate(
@@ -568,11 +571,14 @@ class OpenAIApp:
                 async for chunk in chunks:
                     yield chunk
             except APIError as exc:
+                observe_stream_error(exc.status)
                 yield sse.event(exc.body())
                 return
             except Exception:
                 logger.exception("stream failed after its first byte")
-                yield sse.event(internal_error().body())
+                error = internal_error()
+                observe_stream_error(error.status)
+                yield sse.event(error.body())
                 return
             yield sse.DONE
 

@@ -12,9 +12,27 @@ from ray.util import metrics
 from deployments.engines.base import EngineStats
 from deployments.observability.record import UNKNOWN, RequestRecord
 
-TTFT_MS_BOUNDARIES = [5, 10, 25, 50, 100, 250, 500, 1000, 2500, 5000, 10000, 30000]
+# Up to the longest a request may wait or last with the defaults: a first token within
+# cold_start_timeout_s (180 s) for a model at zero, a request within request_timeout_s (600 s).
+# Past the last bound a value is only "above it", and quantiles there read as that bound.
+TTFT_MS_BOUNDARIES = [5, 10, 25, 50, 100, 250, 500, 1000, 2500, 5000, 10000, 30000, 60000, 180000]
 TPOT_MS_BOUNDARIES = [1, 2, 5, 10, 20, 35, 50, 75, 100, 200, 500, 1000]
-E2E_MS_BOUNDARIES = [10, 50, 100, 250, 500, 1000, 2500, 5000, 10000, 30000, 60000, 120000]
+E2E_MS_BOUNDARIES = [
+    10,
+    50,
+    100,
+    250,
+    500,
+    1000,
+    2500,
+    5000,
+    10000,
+    30000,
+    60000,
+    120000,
+    300000,
+    600000,
+]
 
 
 class RouterMetrics:
@@ -67,8 +85,8 @@ class RouterMetrics:
             return
         model = record.model or UNKNOWN
         self.requests.inc(tags={"model": model, "status": str(record.status)})
-        if record.model is None:
-            return  # refused before a model was known: nothing else to count
+        if record.request_id is None:
+            return  # refused before the engine was called: no latency or tokens to count
         tags = {"model": model}
         for histogram, value in (
             (self.ttft, record.ttft_ms),

@@ -8,6 +8,7 @@ record to the metrics sink and writes one access-log line.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import sys
@@ -32,6 +33,7 @@ ASGIApp = Callable[
 ]
 
 ACCESS_LOGGER = "inference_cluster.access"
+CLIENT_CLOSED_REQUEST = 499
 
 
 class ObservedApp:
@@ -90,6 +92,12 @@ class ObservedApp:
         ):
             try:
                 await self._app(scope, receive, observed_send)
+            except asyncio.CancelledError:
+                # Serve cancels the request's task when its client goes away: nginx's 499, as
+                # Serve counts it, not the 500 of an app that failed (a client that gives up
+                # is no server error), nor the 200 of a stream it left.
+                status = CLIENT_CLOSED_REQUEST
+                raise
             finally:
                 records.reset_current(token)
                 record.finish(status)
@@ -114,6 +122,22 @@ def observe_tenant(tenant: str | None) -> None:
     record = records.current()
     if record is not None:
         record.tenant = tenant
+
+
+def observe_model(model: str) -> None:
+    """The request's model, once it is known to be served: its refusals (a 429, a context too
+    long) count under it, not under `unknown`."""
+    record = records.current()
+    if record is not None:
+        record.model = model
+
+
+def observe_stream_error(status: int) -> None:
+    """A stream that already answered 200 ended with an error event of this status: the
+    request counts (metrics, span, access log) with the error's status."""
+    record = records.current()
+    if record is not None:
+        record.stream_error_status = status
 
 
 def observe_outputs(batch: list[EngineOutput]) -> None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import copy
 import json
 import os
+import re
 from typing import Any
 
 import pytest
@@ -224,6 +225,23 @@ def test_podmonitor_validation_catches_an_unknown_field() -> None:
 
 def _containers(group: dict[str, Any]) -> list[dict[str, Any]]:
     return group["template"]["spec"]["containers"]
+
+
+def test_every_legend_names_labels_its_query_keeps() -> None:
+    """Grafana fills {{label}} from the series' labels and prints anything else as is: a
+    "{{deployment, policy}}" titled every routing series with that text."""
+    for title, expr, legend in (
+        (panel["title"], target["expr"], target["legendFormat"])
+        for panel in dashboard.dashboard()["panels"]
+        for target in panel["targets"]
+    ):
+        kept = {
+            label.strip()
+            for group in re.findall(r"by \(([^)]*)\)", expr)
+            for label in group.split(",")
+        }
+        for label in re.findall(r"\{\{(.*?)\}\}", legend):
+            assert label in kept, (title, legend, expr)
 
 
 def test_committed_dashboard_is_what_the_generator_writes() -> None:
