@@ -9,11 +9,13 @@ from collections.abc import AsyncIterator, Callable, Iterator
 from contextlib import aclosing, asynccontextmanager, contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import httpx
 import openai
 import pytest
 import yaml
+from opentelemetry import trace
 from ray import serve
 
 from cluster import ingress, runtime
@@ -23,6 +25,9 @@ from deployments.config import AppConfig, ModelConfig, RouterConfig
 from deployments.engines.base import Engine, EngineOutput, EngineRequest, EngineStats
 from deployments.engines.profiles import ZERO_LATENCY
 from deployments.engines.simulated import SimulatedEngine
+from deployments.observability.config import AccessLogConfig
+from deployments.observability.middleware import ObservedApp
+from deployments.observability.record import RequestRecord
 from deployments.tokenizer import PromptTokenizer
 
 
@@ -46,6 +51,23 @@ def alert_rules_file(folder: Path) -> Path:
     rules = folder / "rules.yml"
     rules.write_text(yaml.safe_dump(yaml.safe_load(ALERTS_FILE.read_text())["spec"]))
     return rules
+
+
+@asynccontextmanager
+async def observed_client(
+    app: Any, router_tracer: trace.Tracer, access_log: AccessLogConfig
+) -> AsyncIterator[tuple[httpx.AsyncClient, list[RequestRecord]]]:
+    """A client of the ASGI `app` behind the router's observing middleware, and the records of
+    the requests it finished (what the metrics sink gets)."""
+    finished: list[RequestRecord] = []
+
+    class Sink:
+        def request_finished(self, record: RequestRecord) -> None:
+            finished.append(record)
+
+    transport = httpx.ASGITransport(app=ObservedApp(app, router_tracer, Sink(), access_log))
+    async with httpx.AsyncClient(transport=transport, base_url="http://test") as http:
+        yield http, finished
 
 
 API_MODEL = "tiny"

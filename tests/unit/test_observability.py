@@ -20,12 +20,12 @@ from deployments.engines.base import EngineOutput, EngineRequest, EngineStats
 from deployments.engines.profiles import ZERO_LATENCY
 from deployments.engines.simulated import SimulatedEngine
 from deployments.observability.config import AccessLogConfig, ObservabilityConfig, TracingConfig
-from deployments.observability.middleware import ACCESS_LOGGER, ObservedApp, format_access
+from deployments.observability.middleware import ACCESS_LOGGER, format_access
 from deployments.observability.record import RequestRecord
 from deployments.observability.replica import ReplicaTelemetry
 from deployments.observability.tracing import tracer, tracer_provider
 from deployments.tokenizer import PromptTokenizer
-from tests.support import parse_sse
+from tests.support import observed_client, parse_sse
 
 PROMPT = "the secret prompt text"
 CLIENT_TRACE = "4bf92f3577b34da6a3ce929d0e0e4736"
@@ -154,23 +154,14 @@ async def traced_api(
         AppConfig(router=RouterConfig(), models=[model]),
         {"tiny": ReplicaBackend(engine, replica)},
     )
-    finished: list[RequestRecord] = []
-
-    class Sink:
-        def request_finished(self, record: RequestRecord) -> None:
-            finished.append(record)
-
-    observed = ObservedApp(
-        api.app,
-        tracer(tracer_provider(tracing, "router", SimpleSpanProcessor(exporter))),
-        Sink(),
-        AccessLogConfig(format="json"),
-    )
-    caplog.set_level(logging.INFO, logger=ACCESS_LOGGER)
-    logging.getLogger(ACCESS_LOGGER).addHandler(caplog.handler)
+    router_tracer = tracer(tracer_provider(tracing, "router", SimpleSpanProcessor(exporter)))
+    access_log = AccessLogConfig(format="json")
     try:
-        transport = httpx.ASGITransport(app=observed)
-        async with httpx.AsyncClient(transport=transport, base_url="http://test") as http:
+        # The middleware sets its access logger up first (a handler of its own, not propagated),
+        # then the test's handler joins it.
+        async with observed_client(api.app, router_tracer, access_log) as (http, finished):
+            caplog.set_level(logging.INFO, logger=ACCESS_LOGGER)
+            logging.getLogger(ACCESS_LOGGER).addHandler(caplog.handler)
             yield http, exporter, finished
     finally:
         logging.getLogger(ACCESS_LOGGER).removeHandler(caplog.handler)

@@ -20,10 +20,16 @@ from deployments.engines.base import EngineOutput, EngineRequest
 from deployments.engines.simulated import SimulatedEngine
 from deployments.observability.config import AccessLogConfig, TracingConfig
 from deployments.observability.metrics import E2E_MS_BOUNDARIES, TTFT_MS_BOUNDARIES
-from deployments.observability.middleware import ObservedApp
 from deployments.observability.record import RequestRecord
 from deployments.observability.tracing import tracer, tracer_provider
-from tests.support import API_MAX_MODEL_LEN, API_MODEL, EngineBackend, parse_sse, simulated_app
+from tests.support import (
+    API_MAX_MODEL_LEN,
+    API_MODEL,
+    EngineBackend,
+    observed_client,
+    parse_sse,
+    simulated_app,
+)
 
 
 class FailsAfterFirstOutput(EngineBackend):
@@ -46,22 +52,15 @@ class HangsAfterFirstOutput(EngineBackend):
 async def observed(
     embedded_model: Path, backend: Callable[[SimulatedEngine], ModelBackend] = EngineBackend
 ) -> AsyncIterator[tuple[httpx.AsyncClient, list[RequestRecord]]]:
-    finished: list[RequestRecord] = []
-
-    class Sink:
-        def request_finished(self, record: RequestRecord) -> None:
-            finished.append(record)
-
-    async with simulated_app(embedded_model, RouterConfig(), backend) as (_, _, api):
-        app = ObservedApp(
+    async with (
+        simulated_app(embedded_model, RouterConfig(), backend) as (_, _, api),
+        observed_client(
             api.app,
             tracer(tracer_provider(TracingConfig(), "router")),
-            Sink(),
             AccessLogConfig(enabled=False),
-        )
-        transport = httpx.ASGITransport(app=app)
-        async with httpx.AsyncClient(transport=transport, base_url="http://test") as http:
-            yield http, finished
+        ) as (http, finished),
+    ):
+        yield http, finished
 
 
 def body(**fields: Any) -> dict[str, Any]:
