@@ -72,6 +72,27 @@ async def observed_client(
 
 API_MODEL = "tiny"
 API_MAX_MODEL_LEN = 1024
+CHAT, CMPL = "/v1/chat/completions", "/v1/completions"
+
+
+def chat(content: str = "Hello there", **extra: Any) -> dict[str, Any]:
+    """A chat request for the API model: one user message, then `extra` (which may replace it)."""
+    return {"model": API_MODEL, "messages": [{"role": "user", "content": content}], **extra}
+
+
+def cmpl(prompt: Any = "Hello", **extra: Any) -> dict[str, Any]:
+    """A completions request for the API model."""
+    return {"model": API_MODEL, "prompt": prompt, **extra}
+
+
+def assert_error(response: httpx.Response, status: int, param: str | None = None) -> str:
+    """The response is an error in OpenAI's shape with this status (and `param`); its message."""
+    assert response.status_code == status, response.text
+    error = response.json()["error"]
+    assert set(error) == {"message", "type", "param", "code"}
+    if param is not None:
+        assert error["param"] == param, error
+    return str(error["message"])
 
 
 class EngineBackend:

@@ -18,7 +18,12 @@ from deployments.tokenizer import PromptTokenizer
 from tests.support import (
     API_MAX_MODEL_LEN,
     API_MODEL,
+    CHAT,
+    CMPL,
     EngineBackend,
+    assert_error,
+    chat,
+    cmpl,
     parse_sse,
     simulated_api,
     simulated_app,
@@ -32,10 +37,6 @@ MAX_MODEL_LEN = API_MAX_MODEL_LEN
 async def client(embedded_model: Path) -> AsyncIterator[httpx.AsyncClient]:
     async with simulated_api(embedded_model, RouterConfig(max_body_bytes=64 * 1024)) as (http, _):
         yield http
-
-
-def chat(content: str = "Hello there", **extra: Any) -> dict[str, Any]:
-    return {"model": MODEL, "messages": [{"role": "user", "content": content}], **extra}
 
 
 async def test_models(client: httpx.AsyncClient) -> None:
@@ -201,22 +202,6 @@ async def test_completion_stream_without_usage(client: httpx.AsyncClient) -> Non
     assert done
     assert all(e["usage"] is None for e in events)
     assert events[-1]["choices"][0]["finish_reason"] == "length"
-
-
-def assert_error(response: httpx.Response, status: int, param: str | None = None) -> str:
-    assert response.status_code == status, response.text
-    error = response.json()["error"]
-    assert set(error) == {"message", "type", "param", "code"}
-    if param is not None:
-        assert error["param"] == param, error
-    return str(error["message"])
-
-
-CHAT, CMPL = "/v1/chat/completions", "/v1/completions"
-
-
-def cmpl(prompt: Any = "Hello", **extra: Any) -> dict[str, Any]:
-    return {"model": MODEL, "prompt": prompt, **extra}
 
 
 def user(content: Any) -> dict[str, Any]:

@@ -10,16 +10,23 @@ from typing import Any, ClassVar
 import httpx
 import pytest
 
-from deployments.api import chat
+from deployments.api.chat import conversation, supports_developer_role
 from deployments.api.protocol import ChatMessage
 from deployments.config import RouterConfig
 from deployments.engines.base import EngineOutput, EngineRequest, SamplingParams
 from deployments.engines.profiles import ZERO_LATENCY
 from deployments.engines.simulated import SimulatedEngineCore
 from deployments.tokenizer import PromptTokenizer
-from tests.support import API_MODEL, EngineBackend, parse_sse, simulated_api
-
-CHAT, CMPL = "/v1/chat/completions", "/v1/completions"
+from tests.support import (
+    CHAT,
+    CMPL,
+    EngineBackend,
+    assert_error,
+    chat,
+    cmpl,
+    parse_sse,
+    simulated_api,
+)
 
 
 class RecordingBackend(EngineBackend):
@@ -44,39 +51,25 @@ def last_request() -> EngineRequest:
     return RecordingBackend.requests[-1]
 
 
-def chat_body(messages: Any = "Hello there", **extra: Any) -> dict[str, Any]:
-    if isinstance(messages, str):
-        messages = [{"role": "user", "content": messages}]
-    return {"model": API_MODEL, "messages": messages, "max_tokens": 2, **extra}
-
-
-def cmpl_body(prompt: str = "Hello", **extra: Any) -> dict[str, Any]:
-    return {"model": API_MODEL, "prompt": prompt, "max_tokens": 2, **extra}
-
-
 async def ok(http: httpx.AsyncClient, path: str, body: dict[str, Any]) -> httpx.Response:
     response = await http.post(path, json=body)
     assert response.status_code == 200, response.text
     return response
 
 
-def assert_400(response: httpx.Response, param: str) -> str:
-    assert response.status_code == 400, response.text
-    error = response.json()["error"]
-    assert error["type"] == "invalid_request_error" and error["param"] == param, error
-    return str(error["message"])
-
-
 # ---- null means the default -------------------------------------------------------------------
 
 
 async def test_null_for_nullable_fields_means_their_default(client: httpx.AsyncClient) -> None:
-    body = (await ok(client, CHAT, chat_body(n=None, stream=None, logprobs=None))).json()
+    body = (await ok(client, CHAT, chat(max_tokens=2, n=None, stream=None, logprobs=None))).json()
     assert len(body["choices"]) == 1 and body["choices"][0]["logprobs"] is None
-    body = (await ok(client, CMPL, cmpl_body(n=None, stream=None, echo=None))).json()
+    body = (await ok(client, CMPL, cmpl(max_tokens=2, n=None, stream=None, echo=None))).json()
     assert len(body["choices"]) == 1
     options = {"stream": True, "stream_options": {"include_usage": None}}
-    for path, request in [(CHAT, chat_body(**options)), (CMPL, cmpl_body(**options))]:
+    for path, request in [
+        (CHAT, chat(max_tokens=2, **options)),
+        (CMPL, cmpl(max_tokens=2, **options)),
+    ]:
         events, done = parse_sse((await ok(client, path, request)).text)
         assert done and all(e["usage"] is None for e in events)  # no usage chunk: the default
 
@@ -85,7 +78,7 @@ async def test_null_for_nullable_fields_means_their_default(client: httpx.AsyncC
     ("field", "value"), [("n", True), ("stream", 0), ("logprobs", "false"), ("n", 1.0)]
 )
 async def test_other_values_stay_strict(client: httpx.AsyncClient, field: str, value: Any) -> None:
-    assert_400(await client.post(CHAT, json=chat_body(**{field: value})), field)
+    assert_error(await client.post(CHAT, json=chat(max_tokens=2, **{field: value})), 400, field)
 
 
 # ---- chat rendering as vLLM's -----------------------------------------------------------------
@@ -95,7 +88,7 @@ async def test_text_parts_are_joined_with_newlines(
     client: httpx.AsyncClient, embedded_model: Path
 ) -> None:
     parts = [{"type": "text", "text": "Hello"}, {"type": "text", "text": "world"}]
-    await ok(client, CHAT, chat_body([{"role": "user", "content": parts}]))
+    await ok(client, CHAT, chat(max_tokens=2, messages=[{"role": "user", "content": parts}]))
     expected = PromptTokenizer(str(embedded_model)).encode_chat(
         [{"role": "user", "content": "Hello\nworld"}]
     )
@@ -110,7 +103,7 @@ async def test_developer_messages_are_system_ones_for_a_template_without_the_rol
         {"role": "user", "content": "hi"},
         {"role": "developer", "content": "Answer in French."},
     ]
-    await ok(client, CHAT, chat_body(messages))
+    await ok(client, CHAT, chat(max_tokens=2, messages=messages))
     expected = PromptTokenizer(str(embedded_model)).encode_chat(
         [
             {"role": "system", "content": "Be brief.\n\nAnswer in French."},
@@ -131,7 +124,11 @@ async def test_names_reach_the_chat_template(
         return encode_chat(self, messages)
 
     monkeypatch.setattr(PromptTokenizer, "encode_chat", recording)
-    await ok(client, CHAT, chat_body([{"role": "user", "content": "hi", "name": "ann"}]))
+    await ok(
+        client,
+        CHAT,
+        chat(max_tokens=2, messages=[{"role": "user", "content": "hi", "name": "ann"}]),
+    )
     assert rendered == [[{"role": "user", "content": "hi", "name": "ann"}]]
 
 
@@ -147,22 +144,22 @@ DEVELOPER_CHATS = [
 ]
 
 
-@pytest.mark.parametrize("conversation", DEVELOPER_CHATS)
-def test_developer_conversion_is_vllms(conversation: list[dict[str, Any]]) -> None:
+@pytest.mark.parametrize("chat_messages", DEVELOPER_CHATS)
+def test_developer_conversion_is_vllms(chat_messages: list[dict[str, Any]]) -> None:
     hf = pytest.importorskip("vllm.renderers.hf")
-    parsed = chat.conversation(messages(*conversation), developer_role=True)
+    parsed = conversation(messages(*chat_messages), developer_role=True)
     vllm = hf._consolidate_system_messages(hf._convert_developer_to_system(parsed))
-    assert chat.conversation(messages(*conversation), developer_role=False) == vllm
+    assert conversation(messages(*chat_messages), developer_role=False) == vllm
 
 
 def test_a_template_that_names_the_developer_role_gets_it() -> None:
     template = "{% if message['role'] == 'developer' %}...{% endif %}"
-    assert chat.supports_developer_role(template)
-    assert chat.supports_developer_role({"default": template, "tool_use": ""})
-    assert not chat.supports_developer_role("{{ message['role'] }}")
-    assert not chat.supports_developer_role(None)
+    assert supports_developer_role(template)
+    assert supports_developer_role({"default": template, "tool_use": ""})
+    assert not supports_developer_role("{{ message['role'] }}")
+    assert not supports_developer_role(None)
     dev = messages({"role": "developer", "content": "D"})
-    assert chat.conversation(dev, developer_role=True) == [{"role": "developer", "content": "D"}]
+    assert conversation(dev, developer_role=True) == [{"role": "developer", "content": "D"}]
 
 
 # ---- known fields: honoured or refused, never dropped -----------------------------------------
@@ -195,8 +192,8 @@ UNSUPPORTED = [
 async def test_known_unsupported_fields_are_refused(
     client: httpx.AsyncClient, path: str, field: str, value: Any
 ) -> None:
-    body = chat_body() if path == CHAT else cmpl_body()
-    message = assert_400(await client.post(path, json={**body, field: value}), field)
+    body = chat(max_tokens=2) if path == CHAT else cmpl(max_tokens=2)
+    message = assert_error(await client.post(path, json={**body, field: value}), 400, field)
     assert field in message
 
 
@@ -206,7 +203,8 @@ async def test_values_that_ask_for_nothing_and_unknown_fields_pass(
     await ok(
         client,
         CHAT,
-        chat_body(
+        chat(
+            max_tokens=2,
             modalities=["text"],
             audio=None,
             use_beam_search=False,
@@ -228,16 +226,19 @@ async def test_vllm_sampling_extensions_reach_the_engine(client: httpx.AsyncClie
         "include_stop_str_in_output": True,
         "allowed_token_ids": [5, 6, 7],
     }
-    for path, body in [(CHAT, chat_body(**extensions)), (CMPL, cmpl_body(**extensions))]:
+    for path, body in [
+        (CHAT, chat(max_tokens=2, **extensions)),
+        (CMPL, cmpl(max_tokens=2, **extensions)),
+    ]:
         await ok(client, path, body)
         sampling = last_request().sampling
         assert sampling.min_p == 0.05 and sampling.repetition_penalty == 1.2
         assert sampling.min_tokens == 2 and sampling.include_stop_str_in_output
         assert sampling.allowed_token_ids == (5, 6, 7)
-    await ok(client, CHAT, chat_body())
+    await ok(client, CHAT, chat(max_tokens=2))
     assert last_request().sampling.repetition_penalty == 1.0  # vLLM's default, not 0
     # seed -1 is vLLM's "no seed": both engines get None (the simulated one took it as a seed).
-    await ok(client, CHAT, chat_body(seed=-1, temperature=0, n=1))
+    await ok(client, CHAT, chat(max_tokens=2, seed=-1, temperature=0, n=1))
     assert last_request().sampling.seed is None
 
 
@@ -260,14 +261,14 @@ async def test_vllm_sampling_extensions_reach_the_engine(client: httpx.AsyncClie
 async def test_vllm_sampling_extensions_get_vllms_ranges(
     client: httpx.AsyncClient, extra: dict[str, Any], param: str
 ) -> None:
-    assert_400(await client.post(CHAT, json=chat_body(**extra)), param)
+    assert_error(await client.post(CHAT, json=chat(max_tokens=2, **extra)), 400, param)
 
 
 async def test_min_tokens_is_checked_against_the_context_left(client: httpx.AsyncClient) -> None:
     """Without max_tokens a chat may fill the context; min_tokens may not ask for more."""
-    body = chat_body(min_tokens=10_000)
+    body = chat(max_tokens=2, min_tokens=10_000)
     del body["max_tokens"]
-    assert "max_tokens" in assert_400(await client.post(CHAT, json=body), "min_tokens")
+    assert "max_tokens" in assert_error(await client.post(CHAT, json=body), 400, "min_tokens")
 
 
 def test_vllm_gets_the_sampling_extensions() -> None:
@@ -332,7 +333,7 @@ def test_a_stop_token_keeps_its_text_with_include_stop_str_in_output() -> None:
 async def test_stop_strings_count_after_min_tokens_and_may_stay_in_the_text(
     client: httpx.AsyncClient,
 ) -> None:
-    body = cmpl_body("Once upon a time", max_tokens=40, seed=11, stop=["e"])
+    body = cmpl("Once upon a time", max_tokens=40, seed=11, stop=["e"])
     plain = (await ok(client, CMPL, body)).json()
     first = plain["choices"][0]
     assert first["finish_reason"] == "stop" and plain["usage"]["completion_tokens"] < 10
@@ -351,8 +352,8 @@ TOOLS = [{"type": "function", "function": {"name": "get_weather", "parameters": 
 
 
 async def test_tools_with_tool_choice_none_get_a_text_answer(client: httpx.AsyncClient) -> None:
-    plain = (await ok(client, CHAT, chat_body())).json()
-    answer = (await ok(client, CHAT, chat_body(tools=TOOLS, tool_choice="none"))).json()
+    plain = (await ok(client, CHAT, chat(max_tokens=2))).json()
+    answer = (await ok(client, CHAT, chat(max_tokens=2, tools=TOOLS, tool_choice="none"))).json()
     assert isinstance(answer["choices"][0]["message"]["content"], str)
     # The tools are not rendered into the prompt.
     assert answer["usage"]["prompt_tokens"] == plain["usage"]["prompt_tokens"]
@@ -370,4 +371,4 @@ async def test_tools_with_tool_choice_none_get_a_text_answer(client: httpx.Async
 async def test_tools_with_any_other_tool_choice_are_refused(
     client: httpx.AsyncClient, extra: dict[str, Any], param: str
 ) -> None:
-    assert_400(await client.post(CHAT, json=chat_body(**extra)), param)
+    assert_error(await client.post(CHAT, json=chat(max_tokens=2, **extra)), 400, param)
