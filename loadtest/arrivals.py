@@ -55,8 +55,12 @@ class ArrivalPlan:
         if self.kind == "constant":
             return [i / self.rate for i in range(n)]
         shape = 1.0 if self.kind == "poisson" else self.burstiness
-        # Gamma with shape k and scale 1/(rate k) has mean 1/rate; k = 1 is the exponential.
-        gaps = [rng.gammavariate(shape, 1.0 / (self.rate * shape)) for _ in range(n)]
+        if math.isinf(shape):
+            # vLLM's reading of an infinite burstiness: no randomness, every gap 1/rate.
+            gaps = [1.0 / self.rate] * n
+        else:
+            # Gamma with shape k and scale 1/(rate k) has mean 1/rate; k = 1 is the exponential.
+            gaps = [rng.gammavariate(shape, 1.0 / (self.rate * shape)) for _ in range(n)]
         times = list(_cumulative(gaps))
         if not times or times[-1] == 0:
             return times

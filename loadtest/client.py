@@ -18,11 +18,12 @@ from __future__ import annotations
 import asyncio
 import json
 import random
+import re
 import sys
 import time
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Any, Literal, NamedTuple
 
 import httpx
 from tqdm import tqdm
@@ -56,10 +57,31 @@ class _Stream:
     done: bool = False
 
 
+_LINE_END = re.compile(r"\r\n|\r|\n")
+
+
+async def _lines(response: httpx.Response) -> AsyncIterator[str]:
+    """The body's lines, ended by \\n, \\r\\n or \\r only, as SSE ends them. httpx's aiter_lines
+    follows str.splitlines, which also ends a line at U+2028, U+2029 and U+0085: JSON leaves them
+    unescaped in a token's text (vLLM's server too), and the event was cut and failed to parse."""
+    buffer = ""
+    async for text in response.aiter_text():
+        buffer += text
+        # A "\r" at the end may be the first half of a "\r\n": it waits for the next chunk.
+        cut = len(buffer) - 1 if buffer.endswith("\r") else len(buffer)
+        *lines, rest = _LINE_END.split(buffer[:cut])
+        buffer = rest + buffer[cut:]
+        for line in lines:
+            yield line
+    *lines, rest = _LINE_END.split(buffer)
+    for line in [*lines, rest] if rest else lines:
+        yield line
+
+
 async def _sse_events(response: httpx.Response) -> AsyncIterator[str]:
     """The data payloads of an SSE stream (multi-line data joined; comments skipped)."""
     data: list[str] = []
-    async for line in response.aiter_lines():
+    async for line in _lines(response):
         if line.startswith("data:"):
             data.append(line[5:].removeprefix(" "))
         elif not line and data:
@@ -220,6 +242,10 @@ class _Runner:
         self.slots = slots
         self.deadline_s = deadline_s
         self.progress = progress
+        # Requests of the workload never sent: the later turns of a session whose turn failed,
+        # and what the deadline cut. Counted, so a target that fails early turns does not look
+        # as if it had fewer to serve.
+        self.not_sent = 0
 
     async def session(self, session: Session, scheduled_s: float) -> None:
         history = _History()
@@ -235,6 +261,8 @@ class _Runner:
                     record, answer = await self._send(session, k, history, scheduled_s)
             # Without the answer there is no history to carry: the session ends here.
             if record is None or not record.ok:
+                sent = record is not None  # a failed turn was sent; one past the deadline not
+                self.not_sent += len(session.turns) - k - sent
                 return
             if k + 1 < len(session.turns):  # tokenizing runs on the event loop: only if needed
                 self.client.remember(history, turn, answer)
@@ -250,8 +278,9 @@ class _Runner:
 
     async def open_loop(self, sessions: Sequence[Session], times: Sequence[float]) -> None:
         tasks = []
-        for session, at in zip(sessions, times, strict=False):
+        for i, (session, at) in enumerate(zip(sessions, times, strict=False)):
             if at >= self.deadline_s:
+                self.not_sent += sum(len(s.turns) for s in sessions[i:])
                 break
             await asyncio.sleep(at - self.client.now())
             tasks.append(asyncio.create_task(self.session(session, at)))
@@ -263,10 +292,18 @@ class _Runner:
         async def user() -> None:
             for session in queue:  # one shared iterator: each session goes to one user
                 if self.client.now() >= self.deadline_s:
+                    self.not_sent += len(session.turns)
                     return
                 await self.session(session, self.client.now())
 
         await asyncio.gather(*(user() for _ in range(users)))
+        self.not_sent += sum(len(s.turns) for s in queue)  # those no user took
+
+
+class LoadRun(NamedTuple):
+    records: list[RequestRecord]  # in send order
+    duration_s: float  # from the start until the last request ended, as vLLM measures it
+    not_sent: int  # requests of the workload never sent (see _Runner.not_sent)
 
 
 async def run_load(
@@ -283,9 +320,9 @@ async def run_load(
     duration_s: float | None = None,
     seed: int = 0,
     transport: httpx.AsyncBaseTransport | None = None,
-) -> tuple[list[RequestRecord], float]:
-    """Sends the sessions as `plan` schedules them; returns the records (in send order) and the
-    run's duration (from the start until the last request ended), as vLLM measures it.
+) -> LoadRun:
+    """Sends the sessions as `plan` schedules them; returns the records, the run's duration and
+    how many requests were never sent.
 
     `duration_s` stops new requests after that many seconds (running ones finish, each within
     `timeout_s`); `seed` seeds the arrival times; `transport` replaces the network (tests).
@@ -324,4 +361,4 @@ async def run_load(
                 await runner.open_loop(scheduled, times)
         finally:
             bar.close()
-        return client.records, time.perf_counter() - t0
+        return LoadRun(client.records, time.perf_counter() - t0, runner.not_sent)

@@ -30,6 +30,7 @@ _SCALARS = (
     ("workload", "workload", "{}"),
     ("arrivals", "arrivals", "{}"),
     ("num_requests", "requests sent", "{}"),
+    ("not_sent", "requests not sent (after a failed turn, or past --duration-s)", "{}"),
     ("completed", "completed", "{}"),
     ("failed", "failed", "{}"),
     ("errors_by_status", "errors by status", "{}"),

@@ -130,7 +130,7 @@ def handle(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
         print(f"loadtest run: cannot list models at {args.base_url}: {exc}", file=sys.stderr)
         return 2
     endpoint: Endpoint = args.endpoint
-    records, duration_s = asyncio.run(
+    records, duration_s, not_sent = asyncio.run(
         run_load(
             args.base_url,
             model,
@@ -152,6 +152,7 @@ def handle(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
         f"{sum(len(s.turns) for s in sessions)} requests, seed {args.seed}",
         "arrivals": plan.describe(),
         **summarize(records, duration_s, args.slo_ttft_ms, args.slo_tpot_ms),
+        "not_sent": not_sent,
     }
     out = args.out or Path("loadtest-runs") / time.strftime("%Y%m%d-%H%M%S")
     write_report(out, summary, records)

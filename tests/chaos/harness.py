@@ -108,7 +108,7 @@ async def load_during(
         )
     )
     await fault()
-    records, _ = await load
+    records = (await load).records
     return classify(records), records
 
 

@@ -6,7 +6,7 @@ from __future__ import annotations
 import asyncio
 import json
 import math
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
 
@@ -14,7 +14,7 @@ import httpx
 import pytest
 
 from deployments.tokenizer import PromptTokenizer
-from loadtest import report
+from loadtest import client, report
 from loadtest.arrivals import ArrivalPlan
 from loadtest.client import run_load
 from loadtest.metrics import summarize
@@ -54,7 +54,7 @@ def run(
     plan: ArrivalPlan | None = None,
     **options: Any,
 ) -> list[RequestRecord]:
-    records, duration = asyncio.run(
+    records, duration, _ = asyncio.run(
         run_load(
             "http://test",
             "sim",
@@ -173,13 +173,63 @@ def test_failures_become_records_and_the_run_goes_on() -> None:
     assert not any(records[f"s{i}"].ok for i in range(1, 8))
 
 
-def test_a_failed_turn_ends_its_session(embedded_model: Path) -> None:
+def test_a_failed_turn_ends_its_session_and_its_later_turns_count_as_not_sent(
+    embedded_model: Path,
+) -> None:
+    """Uncounted, a target that failed early turns looked as if it had fewer to serve."""
+
     def handler(request: httpx.Request) -> httpx.Response:
         return httpx.Response(500, json={"error": {"message": "boom"}})
 
-    session = Session("conv", (Turn((1,), 1), Turn((2,), 1)))
+    sessions = [
+        Session(f"conv{i}", (Turn((1,), 1), Turn((2,), 1), Turn((3,), 1))) for i in range(4)
+    ]
     tokenizer = PromptTokenizer(str(embedded_model))
-    assert [r.turn for r in run(handler, [session], tokenizer=tokenizer)] == [0]
+    result = asyncio.run(
+        run_load(
+            "http://test",
+            "sim",
+            sessions,
+            ArrivalPlan("poisson"),
+            progress=False,
+            transport=httpx.MockTransport(handler),
+            tokenizer=tokenizer,
+        )
+    )
+    assert [r.turn for r in result.records] == [0] * 4
+    assert result.not_sent == 8
+
+
+def test_a_token_whose_text_holds_a_unicode_line_separator_is_one_event() -> None:
+    """JSON leaves U+2028, U+2029 and U+0085 unescaped (vLLM's server writes them raw), and
+    splitting lines as str.splitlines does cut the event in two: the request failed."""
+    texts = ["a\u2028b", "c\u0085d", "e\u2029"]
+    chunks = [json.dumps({"choices": [{"index": 0, "text": t}]}, ensure_ascii=False) for t in texts]
+    body = "".join(f"data: {c}\r\n\r\n" for c in chunks) + "data: [DONE]\r\n\r\n"
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        return httpx.Response(200, content=body.encode())
+
+    (record,) = run(handler, [one_turn(0)])
+    assert record.ok and len(record.token_times_s) == 3, record.error
+
+
+async def test_lines_end_only_at_sse_line_ends_even_across_chunks() -> None:
+    class Chunked:
+        def __init__(self, *chunks: str) -> None:
+            self.chunks = chunks
+
+        async def aiter_text(self) -> AsyncIterator[str]:
+            for chunk in self.chunks:
+                yield chunk
+
+    async def lines(*chunks: str) -> list[str]:
+        return [line async for line in client._lines(Chunked(*chunks))]  # type: ignore[arg-type]
+
+    # A "\r\n" split between two chunks is one line end, not two (which would end the event).
+    assert await lines("data: a\r", "\ndata: b\r\n\r\n") == ["data: a", "data: b", ""]
+    assert await lines("x\u2028y\ry\nz") == ["x\u2028y", "y", "z"]
+    assert await lines("last\r") == ["last"]
 
 
 def test_multi_turn_needs_a_tokenizer() -> None:
@@ -224,8 +274,19 @@ def test_duration_cap_stops_new_requests() -> None:
         return httpx.Response(200, content=completion_stream(["a"], 1))
 
     plan = ArrivalPlan("constant", rate=10.0)  # one every 0.1 s; the cap lets about 3 start
-    records = run(handler, [one_turn(i) for i in range(50)], plan, duration_s=0.25)
-    assert 1 <= len(records) <= 4
+    result = asyncio.run(
+        run_load(
+            "http://test",
+            "sim",
+            [one_turn(i) for i in range(50)],
+            plan,
+            progress=False,
+            transport=httpx.MockTransport(handler),
+            duration_s=0.25,
+        )
+    )
+    assert 1 <= len(result.records) <= 4
+    assert result.not_sent == 50 - len(result.records)
 
 
 def test_report_writes_json_plots_and_series(tmp_path: Path) -> None:

@@ -49,6 +49,12 @@ def test_gamma_burstiness_sets_the_spread(burstiness: float) -> None:
     assert cv2 == pytest.approx(1 / burstiness, rel=0.1)
 
 
+def test_infinite_burstiness_is_fixed_gaps_as_in_vllm() -> None:
+    """vLLM reads it as no randomness at all; the gamma draw raised before any request."""
+    times = plan_of("--rate", "10", "--burstiness", "inf").times(5, random.Random(0))
+    assert times == pytest.approx([0.1, 0.2, 0.3, 0.4, 0.5])
+
+
 def test_burstiness_picks_gamma_and_contradictions_are_refused() -> None:
     assert plan_of("--rate", "1", "--burstiness", "0.5").kind == "gamma"
     assert plan_of("--rate", "1").kind == "poisson"
