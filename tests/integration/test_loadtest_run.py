@@ -245,7 +245,6 @@ def test_timeout_is_per_request() -> None:
 
     (record,) = run(handler, [one_turn(0)], timeout_s=0.2)
     assert record.status == 0 and record.error == "timed out after 0.2 s"
-    assert record.end_s - record.start_s < 2
 
 
 @pytest.mark.parametrize(

@@ -55,7 +55,7 @@ async def test_50_concurrent_requests_complete_with_correct_usage(simulated_app:
     await client.close()
 
 
-async def test_requests_spread_over_replicas_and_hit_the_cache(simulated_app: str) -> None:
+async def test_repeated_prompts_hit_the_prefix_cache(simulated_app: str) -> None:
     prompt = "shared system prompt " * 40
     async with httpx.AsyncClient(base_url=simulated_app, timeout=60) as http:
         cached = []
@@ -66,10 +66,9 @@ async def test_requests_spread_over_replicas_and_hit_the_cache(simulated_app: st
                 )
             ).json()
             cached.append(body["usage"]["prompt_tokens_details"]["cached_tokens"])
-    # Ray's default routing spreads the repeats; any repeat landing on a replica that already saw
-    # the prompt reports cached tokens (6 requests over 3 replicas: at least 3 are repeats).
+    # The default routing (cache_load) sends every repeat to the replica that holds the prompt.
     assert cached[0] == 0
-    assert sum(1 for c in cached if c > 0) >= 3
+    assert all(c > 0 for c in cached[1:]), cached
 
 
 async def test_request_id_is_echoed_once_or_generated(simulated_app: str) -> None:
@@ -101,8 +100,9 @@ async def test_disconnect_mid_stream_frees_the_engine(simulated_app: str) -> Non
                 chunks += 1
                 if chunks > 5:
                     break
-        # The stream is closed here mid-generation (3000 tokens at ~5 ms each would take 15 s).
-    deadline = time.monotonic() + 20
+        # The stream is closed here mid-generation. 3000 tokens at ~5 ms each end by themselves
+        # after 16-19 s: an engine idle within 5 s was aborted.
+    deadline = time.monotonic() + 5
     while time.monotonic() < deadline:
         if all(running == 0 for running, _ in await asyncio.to_thread(engine_counts)):
             return

@@ -206,8 +206,7 @@ def test_a_backlog_growing_while_replicas_start_is_not_answered_twice() -> None:
     # 2 + 114/60 at the first tick (no growth known yet); then the growth (smoothed over 5 s)
     # rises to 2 replicas and the drain to 174/60: 2 + 2 + 2.9 -> 7 at the end, never more.
     assert targets[0] == 4 and targets[-1] == 7 and max(targets) == 7
-    assert targets == sorted(targets)
-    assert math.ceil((20 + 174) / 10) == 20  # what counting the queue as in service asked for
+    assert targets == sorted(targets)  # never the 20 that counting the queue in service asked
 
 
 def test_requests_above_the_target_in_a_batch_count_as_backlog() -> None:
