@@ -37,7 +37,6 @@ class RequestRecord:
     first_token: float | None = None
     end: float | None = None
     prompt_tokens: int = 0
-    completion_tokens: int = 0
     cached_tokens: int = 0
     choice_tokens: dict[int, int] = field(default_factory=dict)  # tokens per choice index
 
@@ -52,7 +51,6 @@ class RequestRecord:
         for output in batch:
             if output.token_ids and self.first_token is None:
                 self.first_token = self.clock()
-            self.completion_tokens += len(output.token_ids)
             tokens = self.choice_tokens.get(output.index, 0)
             self.choice_tokens[output.index] = tokens + len(output.token_ids)
             self.prompt_tokens = max(self.prompt_tokens, output.num_prompt_tokens)
@@ -64,6 +62,11 @@ class RequestRecord:
         if self.stream_error_status is not None and status == 200:
             status = self.stream_error_status
         self.status, self.end = status, self.clock()
+
+    @property
+    def completion_tokens(self) -> int:
+        """Output tokens over every choice (usage's completion_tokens)."""
+        return sum(self.choice_tokens.values())
 
     @property
     def ttft_ms(self) -> float | None:
