@@ -51,6 +51,7 @@ OWN_FLAGS = (
     "--num-requests",
     "--duration-s",
     "--slo-ttft-ms",
+    "--seed",
 )
 # Workloads that are not one request per scheduled arrival: a multi-turn session's later turns
 # follow its answers (and a trace:FILE workload brings its own arrival times).
@@ -88,6 +89,7 @@ def sustained(
 @dataclass(frozen=True)
 class Probe:
     rate: float  # requests started per second
+    seed: int  # of its prompts and arrivals
     requests: int
     completed: int
     failed: int
@@ -171,6 +173,12 @@ def register(subparsers: Any) -> None:
         help="Share of the capacity the suggested target_rate_per_replica runs a replica at "
         "(default 0.93).",
     )
+    parser.add_argument(
+        "--seed",
+        type=int,
+        default=0,
+        help="Seed of the first probe's prompts and arrivals; probe k uses seed + k (default 0).",
+    )
     parser.add_argument("--out", type=Path, required=True, help="Output folder.")
     parser.add_argument(
         "run_args",
@@ -198,8 +206,9 @@ def check_run_args(run_args: list[str]) -> list[str]:
     return shared
 
 
-def run_probe(args: argparse.Namespace, shared: list[str], rate: float) -> Probe:
-    """Holds `rate` on the target for --hold-s through `loadtest run` or `loadtest simulate`."""
+def run_probe(args: argparse.Namespace, shared: list[str], rate: float, seed: int) -> Probe:
+    """Holds `rate` on the target for --hold-s through `loadtest run` or `loadtest simulate`,
+    with the prompts and arrivals of `seed`."""
     from loadtest.cli import main as loadtest_main
 
     out = args.out / f"rate-{rate:g}"
@@ -212,7 +221,7 @@ def run_probe(args: argparse.Namespace, shared: list[str], rate: float) -> Probe
         argv += ["--no-progress"]
     # Poisson arrivals rescaled so that the last one is at requests / rate: the hold.
     argv += ["--out", str(out), "--rate", repr(rate), "--num-requests", str(requests)]
-    argv += ["--slo-ttft-ms", f"{args.slo_ttft_ms:g}", *shared]
+    argv += ["--slo-ttft-ms", f"{args.slo_ttft_ms:g}", "--seed", str(seed), *shared]
     with (out / "run.log").open("w") as log, contextlib.redirect_stdout(log):
         code = loadtest_main(argv)
     lines = (out / "requests.jsonl").read_text().splitlines() if code in (0, 1) else []
@@ -225,6 +234,7 @@ def run_probe(args: argparse.Namespace, shared: list[str], rate: float) -> Probe
     worst = max(p95s, default=math.inf)
     return Probe(
         rate=rate,
+        seed=seed,
         requests=len(records),
         completed=len(records) - failed,
         failed=failed,
@@ -249,7 +259,7 @@ def handle(args: argparse.Namespace) -> int:
 
     def probe(rates: list[float]) -> list[bool]:
         for rate in rates:
-            probes.append(run_probe(args, shared, rate))
+            probes.append(run_probe(args, shared, rate, args.seed + len(probes)))
             print(probes[-1].line(args.slo_ttft_ms), flush=True)
         return [p.sustained for p in probes[-len(rates) :]]
 
@@ -269,6 +279,7 @@ def handle(args: argparse.Namespace) -> int:
         "slo_ttft_ms": args.slo_ttft_ms,
         "window_s": args.window_s,
         "hold_s": args.hold_s,
+        "seed": args.seed,
         "workload_args": shared,
         "probes": [asdict(p) for p in probes],
     }

@@ -374,6 +374,8 @@ def test_loadtest_capacity_against_the_simulated_app(simulated_app: str, tmp_pat
         assert probe["requests"] == probe["completed"] == math.ceil(probe["rate"] * 4)
         summary = json.loads((out / f"rate-{probe['rate']:g}" / "summary.json").read_text())
         assert summary["completed"] == probe["completed"] and "--rate" in summary["command"]
+        # The second probe's prompts are its own, not the first's, now in the replicas' caches.
+        assert summary["cached_prompt_tokens"] == 0
     # Never failed below --high: the capacity is a lower bound.
     assert result["capacity_per_s"] == 3.5 and result["capacity_at_least"]
     assert result["capacity_per_replica_per_s"] == pytest.approx(3.5 / 3)

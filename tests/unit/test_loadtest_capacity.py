@@ -96,11 +96,13 @@ def test_the_search_on_a_simulated_target(tmp_path: Path, capsys: pytest.Capture
     assert 8 <= result["capacity_per_s"] <= 28
     assert result["capacity_per_replica_per_s"] == result["capacity_per_s"] / 2
     assert result["target_rate_per_replica"] == pytest.approx(result["capacity_per_s"] / 2 * 0.9)
-    for probe in probes:
+    for number, probe in enumerate(probes):
         folder = tmp_path / "cap" / f"rate-{probe['rate']:g}"
         assert (folder / "summary.json").is_file() and (folder / "run.log").is_file()
         summary = json.loads((folder / "summary.json").read_text())
         assert probe["requests"] == summary["num_requests"]
+        # Each probe draws its own prompts: on a real target, repeated ones would be cached.
+        assert probe["seed"] == number and f"seed {number}" in summary["workload"]
     printed = capsys.readouterr().out
     assert f"target_rate_per_replica: {result['target_rate_per_replica']:.4g}" in printed
     assert "| metric | value |" not in printed  # each run's own table went to its run.log
@@ -124,6 +126,7 @@ def test_a_target_that_sustains_nothing_exits_1(tmp_path: Path) -> None:
     [
         (("--rate", "3"), "--rate is set by capacity"),
         (("--num-requests=10",), "--num-requests is set by capacity"),
+        (("--seed", "3"), "--seed is set by capacity"),
         (("--workload", "multi-turn"), "workload multi-turn is not one request per arrival"),
         (("--workload=trace:x.jsonl",), "not one request per arrival"),
     ],
