@@ -740,18 +740,26 @@ class SimulatedEngine:
     async def _step_loop(self) -> None:
         core = self._core
         clock = self._clock
+        # When the running step ends on the profile's schedule. Steps follow each other on it, as
+        # a GPU's do: the time this loop and the event loop spend between steps is part of the
+        # step's duration, not added to it (sleeping the whole duration after that work ran the
+        # engine 14-20% slower than its profile, the more the shorter the steps).
+        step_end = clock.now()
         try:
             while True:
                 if not core.has_work():
                     # No await between the check and the clear: generate() cannot slip in.
                     self._wakeup.clear()
                     await self._wakeup.wait()
+                    step_end = clock.now()  # idle time is not owed to the next steps
                     continue
                 result = core.step()
-                if result.duration_s > 0:
-                    await clock.sleep(result.duration_s)
+                step_end += result.duration_s
+                late_by = clock.now() - step_end
+                if late_by < 0:
+                    await clock.sleep(-late_by)
                 else:
-                    await asyncio.sleep(0)  # a free step still lets the consumers run
+                    await asyncio.sleep(0)  # a step already due still lets the consumers run
                 for output in result.outputs:
                     stream = self._streams.get(output.request_id)
                     if stream is None or output.index not in stream.open:

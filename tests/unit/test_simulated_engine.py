@@ -601,6 +601,32 @@ async def test_ttft_grows_with_uncached_prompt_length() -> None:
 
 
 @pytest.mark.asyncio
+async def test_steps_keep_the_profiles_schedule() -> None:
+    """The time the loop itself takes between steps (here 1 ms to compute each, under a decode
+    step's ~5 ms) is inside the steps' durations, not added to them."""
+    clock = FakeClock()
+    engine = SimulatedEngine(LLAMA_8B_H100, clock=clock)
+    durations: list[float] = []
+    step = engine.core.step
+
+    def slow_step() -> StepResult:
+        clock.time += 0.001
+        result = step()
+        durations.append(result.duration_s)
+        return result
+
+    engine.core.step = slow_step  # type: ignore[method-assign]
+    for name in ("first", "after-idle"):
+        durations.clear()
+        start = clock.now()
+        outputs = await collect(engine, make_request(name, prompt_of(512), max_tokens=64))
+        assert sum(len(out.token_ids) for out in outputs) == 64 and len(durations) >= 64
+        assert clock.now() - start == pytest.approx(sum(durations))
+        clock.time += 1.0  # idle: the next request's steps owe nothing to this second
+    await engine.shutdown()
+
+
+@pytest.mark.asyncio
 async def test_cached_prefix_cuts_ttft() -> None:
     clock = FakeClock()
     engine = SimulatedEngine(LLAMA_8B_H100, clock=clock)
