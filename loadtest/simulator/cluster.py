@@ -323,6 +323,7 @@ class _Run:
         self._replica_series: list[tuple[float, int]] = []
         self._flights: dict[str, _Flight] = {}
         self._router_queue: deque[_Flight] = deque()
+        self._router_queue_draining = False
         # Closed loop: the sessions no user has taken yet.
         self._unstarted: deque[_SessionRun] = deque()
         # Request slots (--concurrency): free ones, and the turns waiting for one, FIFO.
@@ -457,13 +458,19 @@ class _Run:
         return False
 
     def _drain_router_queue(self, t: float) -> None:
+        # A request the engine refuses finishes inside the drain, and finishing drains the queue:
+        # that inner drain leaves the work to this loop (nesting one per refusal overflowed the
+        # stack behind a few hundred refused requests).
+        if self._router_queue_draining:
+            return
+        self._router_queue_draining = True
         queue = self._router_queue
         while queue:
-            # Popped before placing: placing can finish requests, which drains the queue again.
             flight = queue.popleft()
             if not self._place(t, flight):
                 queue.appendleft(flight)
-                return
+                break
+        self._router_queue_draining = False
 
     def _dispatch(self, t: float, flight: _Flight, replica: _Replica) -> None:
         request = flight.request
@@ -503,8 +510,8 @@ class _Run:
     def _step(self, t: float, replica: _Replica) -> None:
         # The step's tokens, not validated EngineOutputs: a run has millions.
         duration_s, outputs = replica.core.step_sampled()
-        if duration_s == 0.0 and not outputs:
-            replica.stepping = False  # nothing could run: the next request wakes it
+        if not outputs and not replica.core.has_work():
+            replica.stepping = False  # nothing to run: the next request wakes it
             return
         replica.stepping = True
         replica.busy_s += duration_s

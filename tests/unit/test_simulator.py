@@ -15,7 +15,7 @@ from typing import Any
 import pytest
 
 from deployments.engines.base import BlocksStored, EngineStats, KVCacheEvent
-from deployments.engines.profiles import LLAMA_8B_H100, PerformanceProfile
+from deployments.engines.profiles import LLAMA_8B_H100, ZERO_LATENCY, PerformanceProfile
 from deployments.routing.hashing import block_hashes
 from deployments.routing.policy import ReplicaView, RoutingRequest, create_policy
 from loadtest import simulate as simulate_command
@@ -246,6 +246,32 @@ def test_a_prompt_over_max_model_len_is_rejected_and_ends_its_session() -> None:
     assert statuses == {("long", 0): 400, ("short", 0): 200}
     rejected = next(r for r in result.records if r.session_id == "long")
     assert rejected.error is not None and "max_model_len" in rejected.error
+
+
+def test_requests_the_engine_refuses_behind_a_full_replica_all_end() -> None:
+    """Prompts needing more KV blocks than the cache has wait at the router, then the engine
+    refuses each: hundreds of them end as 400s (each refusal drained the router queue from
+    inside the drain before, and 400 of them overflowed the stack)."""
+    fits = Session("fits", (Turn(tuple(range(1, 101)), 50),))
+    too_big = [Session(f"big{i}", (Turn(tuple(range(1, 2001)), 10),)) for i in range(400)]
+    profile = small_profile(num_kv_blocks=64)  # 1024 tokens of KV
+    fleet = FleetSpec(profile, 1, max_ongoing_requests=1)  # no max_model_len: the engine decides
+    times = [0.0] + [0.001] * len(too_big)
+    result = simulate(fleet, create_policy("pow2", rng=random.Random(0)), [fits, *too_big], times)
+    statuses = Counter((r.session_id == "fits", r.status) for r in result.records)
+    assert statuses == {(True, 200): 1, (False, 400): 400}
+
+
+@pytest.mark.timeout(30)
+def test_free_prefill_chunks_keep_the_replica_stepping() -> None:
+    """A zero-cost profile's prefill chunk takes no time and emits nothing, yet the prompt is
+    not done: the replica keeps stepping (it stopped, and the simulation never ended)."""
+    profile = ZERO_LATENCY.model_copy(update={"max_num_batched_tokens": 16, "vocab_size": VOCAB})
+    session = Session("s", (Turn(tuple(range(1, 65)), 4),))  # 4 chunks of 16 tokens
+    result = simulate(
+        FleetSpec(profile, 1), create_policy("pow2", rng=random.Random(0)), [session], [0.0]
+    )
+    assert [(r.status, r.output_tokens) for r in result.records] == [(200, 4)]
 
 
 class Recorder:
