@@ -362,8 +362,9 @@ class SimulatedEngineCore:
 
     def reset_prefix_cache(self) -> bool:
         """Forget every cached block, as vLLM's reset_prefix_cache: refused (False) while any
-        request holds blocks, since their blocks could not be forgotten."""
-        if self._requests:
+        request holds blocks, since their blocks could not be forgotten (a waiting one holds
+        none)."""
+        if self._num_free() < self._num_blocks:
             return False
         for block in self._hash_to_block.values():
             self._block_hash[block] = None

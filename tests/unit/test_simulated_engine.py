@@ -804,13 +804,16 @@ def test_reset_prefix_cache_forgets_every_block_and_says_so() -> None:
     generate_all(core, make_request("a", prompt))
     core.drain_kv_events()
     # Like vLLM's, refused while a request holds blocks: nothing changes.
-    core.add_request(make_request("busy", prompt_of(BS, start=500)))
+    core.add_request(make_request("busy", prompt_of(BS, start=500), max_tokens=4))
+    core.step()
+    core.drain_kv_events()
     assert not core.reset_prefix_cache()
     assert core.drain_kv_events() == []
     run_all(core)
     core.drain_kv_events()
+    # A request still waiting holds no block: it does not stop the reset.
+    core.add_request(make_request("b", prompt))
     assert core.reset_prefix_cache()
     assert core.drain_kv_events() == [AllBlocksCleared()]
-    core.add_request(make_request("b", prompt))
     first = outputs_by_choice(run_all(core))[("b", 0)][0]
     assert first.num_cached_tokens == 0
