@@ -30,9 +30,11 @@ def _rows(model: type[BaseModel], prefix: str, rows: list[str]) -> None:
         path = f"{prefix}{name}"
         nested = _nested_model(info.annotation)
         suffix = "[]" if typing.get_origin(info.annotation) is list else ""
+        # GitHub's tables end a cell at any unescaped pipe, even inside backticks.
+        description = (info.description or "").replace("|", "\\|")
         rows.append(
             f"| `{path}{suffix}` | {_type_name(info.annotation)} | {_default(info)} | "
-            f"{(info.description or '').replace('|', '/')} |"
+            f"{description} |"
         )
         if nested is not None:
             _rows(nested, f"{path}{suffix}.", rows)

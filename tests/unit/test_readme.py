@@ -28,3 +28,11 @@ def test_loadtest_flags_are_current() -> None:
     start, end = "<!-- loadtest-reference:start -->", "<!-- loadtest-reference:end -->"
     current = text[text.index(start) + len(start) : text.index(end)].strip()
     assert current == reference(), "README.md is stale: regenerate with loadtest.cli.reference()"
+
+
+def test_config_reference_rows_keep_their_columns() -> None:
+    """A pipe in a description is escaped: unescaped, it ended the cell (GitHub's tables split
+    on it even inside backticks) and the command shown lost its pipe."""
+    columns = {row.replace("\\|", "").count("|") for row in render().splitlines()}
+    assert columns == {5}
+    assert '`printf %s "$KEY" \\| sha256sum`' in render()
