@@ -5,6 +5,7 @@ The driver side of the cluster: nothing here runs inside a Serve replica.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -30,6 +31,8 @@ from deployments.placement import PlacementInfeasible, check_fits
 from deployments.router import DRAIN_KEY, DRAIN_POLL_S
 
 APP_NAME = "inference-cluster"
+# How long a status call waits for a replica.
+STATUS_TIMEOUT_S = 5.0
 
 
 class DeployError(RuntimeError):
@@ -156,24 +159,42 @@ def start_draining() -> None:
 
 
 def drain(timeout_s: float, poll_s: float = 0.5) -> int:
-    """Wait until no engine runs or queues a request (two polls in a row, so a request between
-    the router and its replica is not missed), or until timeout_s; returns what is still busy."""
+    """Wait until no replica of the app has a request (two polls in a row, so a request between
+    a router and its replica is not missed), or until timeout_s; returns what is still busy."""
     deadline = time.monotonic() + timeout_s
     idle_polls = 0
     while True:
-        busy = sum(
-            int(r.stats["num_running"]) + int(r.stats["num_waiting"])
-            for d in cluster_status()
-            for r in d.replicas
-            if r.stats is not None
-        )
+        busy = ongoing_requests(max(0.1, min(STATUS_TIMEOUT_S, deadline - time.monotonic())))
         idle_polls = idle_polls + 1 if busy == 0 else 0
         if idle_polls >= 2 or time.monotonic() >= deadline:
             return busy
         time.sleep(poll_s)
 
 
-def cluster_status(timeout_s: float = 5.0) -> list[DeploymentStatus]:
+def ongoing_requests(timeout_s: float) -> int:
+    """Requests in the app's replicas: the routers' (HTTP requests, those held for a replica
+    included) and the LLMServers' (engine calls). Asked of every replica at once through the
+    replica actor's own counter, the one Serve's request router probes: it takes no request slot,
+    so a full replica answers at once (replica_status waits for a slot like any request, and a
+    saturated replica timed out into "idle"). A replica that does not answer within timeout_s
+    counts as one request: unknown is not idle. A replica that is gone has nothing left."""
+    prefix = f"SERVE_REPLICA::{APP_NAME}#"
+    counts: list[ray.ObjectRef] = []
+    for name in _replica_actor_names():
+        if name.startswith(prefix):
+            with contextlib.suppress(ValueError):  # stopped since it was listed
+                counts.append(
+                    ray.get_actor(name, namespace="serve").get_num_ongoing_requests.remote()
+                )
+    answered, unanswered = ray.wait(counts, num_returns=len(counts), timeout=timeout_s)
+    busy = len(unanswered)
+    for count in answered:
+        with contextlib.suppress(ray.exceptions.RayActorError):
+            busy += int(ray.get(count))
+    return busy
+
+
+def cluster_status(timeout_s: float = STATUS_TIMEOUT_S) -> list[DeploymentStatus]:
     """Every deployment of the app, and for LLMServers each replica's engine stats."""
     app = serve.status().applications.get(APP_NAME)
     if app is None:

@@ -26,9 +26,9 @@ def processes_in_session(sid: int) -> list[str]:
     return [row[2] for row in rows if len(row) == 3 and int(row[0]) == sid and "Z" not in row[1]]
 
 
-# Long enough (about 4 s on the simulated profile) that the drain is still waiting for it while
-# the test probes for the 503s.
-STREAM_TOKENS = 600
+# Long enough (about 18 s on the simulated profile) that the drain is still waiting for it while
+# the test probes for the 503s, and past two status calls that time out (5 s each) on its replica.
+STREAM_TOKENS = 3000
 
 
 def refused_while_draining(port: int) -> tuple[httpx.Response, httpx.Response]:
@@ -60,8 +60,11 @@ def test_serve_answers_then_drains_and_stops_cleanly_on_sigterm(
                         "engine": "simulated",
                         "source": "embedded",
                         "device": "cpu",
-                        "max_model_len": 2048,
+                        "max_model_len": 4096,
                         "num_replicas": 2,
+                        # The stream fills its replica: the drain must still see it (a status
+                        # call waits for a free slot, and its timeout once counted as idle).
+                        "max_ongoing_requests": 1,
                         "cpus_per_worker": 0.1,
                         "replica_cpus": 0.0,
                     }
