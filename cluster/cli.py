@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import signal
+import socket
 import sys
 import threading
 import time
@@ -126,7 +127,6 @@ def _validate(args: argparse.Namespace) -> int:
 
 
 def _serve(args: argparse.Namespace) -> int:
-    import ray
     from ray import serve
 
     from cluster import runtime
@@ -138,6 +138,8 @@ def _serve(args: argparse.Namespace) -> int:
         config = config.model_copy(
             update={"ray": config.ray.model_copy(update={"address": args.address})}
         )
+    if config.ray.address is None:  # the ingress binds on this machine: is the port free?
+        _check_port_free(http)
 
     started = time.monotonic()
     print(f"config: {path}", flush=True)
@@ -188,7 +190,7 @@ def _serve(args: argparse.Namespace) -> int:
         try:
             serve.shutdown()  # replicas' __del__ shut their engines down (and engine processes)
         finally:
-            ray.shutdown()  # a local Ray started here ends with us: no leftover processes
+            runtime.stop_ray()  # a local Ray started here ends with us: no leftover processes
 
 
 def _http_options(http: HTTPConfig, *, host: str | None, port: int | None) -> HTTPConfig:
@@ -199,6 +201,21 @@ def _http_options(http: HTTPConfig, *, host: str | None, port: int | None) -> HT
         return HTTPConfig.model_validate(http.model_dump() | updates)
     except ValidationError as exc:
         raise ConfigError(f"invalid --host/--port:\n{format_errors(exc)}") from None
+
+
+def _check_port_free(http: HTTPConfig) -> None:
+    """ConfigError when another process listens on the port, before Ray starts: Ray's ingress
+    would fail to bind it only after the deploy began, with a traceback."""
+    with socket.socket(socket.AF_INET6 if ":" in http.host else socket.AF_INET) as probe:
+        # As a listener binds it: a port left in TIME_WAIT by a closed connection is free.
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            probe.bind((http.host, http.port))
+        except OSError as exc:
+            raise ConfigError(
+                f"cannot listen on {http.host}:{http.port}: {exc.strerror} (another `serve`? "
+                "choose one with --port)"
+            ) from None
 
 
 def _stop_event() -> threading.Event:

@@ -10,11 +10,15 @@ import json
 import logging
 import os
 import pickle
+import shutil
+import socket
+import tempfile
 import threading
 import time
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import ray
@@ -33,6 +37,9 @@ from deployments.router import DRAIN_KEY, DRAIN_POLL_S
 APP_NAME = "inference-cluster"
 # How long a status call waits for a replica.
 STATUS_TIMEOUT_S = 5.0
+# A local Ray's HAProxy folder, /tmp/haproxy-XXXXXXXX (see _local_haproxy_env).
+HAPROXY_FOLDER_PREFIX = "haproxy-"
+_haproxy_folder: Path | None = None
 
 
 class DeployError(RuntimeError):
@@ -50,6 +57,8 @@ def start_ray(config: ClusterConfig) -> None:
         ray.init(address=config.ray.address, logging_level=logging.WARNING)
         return
     os.environ.update(ingress.ray_env(config.ingress))
+    if config.ingress.haproxy:
+        os.environ.update(_local_haproxy_env())
     # Logical CPUs are bookkeeping: on a laptop the demo's replicas may reserve more than there
     # are cores, and they still run (they are mostly idle between requests).
     num_cpus = config.ray.num_cpus or max(os.cpu_count() or 1, int(config.reserved_cpus() + 1))
@@ -62,6 +71,43 @@ def start_ray(config: ClusterConfig) -> None:
         dashboard_host="127.0.0.1",
         logging_level=logging.WARNING,
     )
+
+
+def _local_haproxy_env() -> dict[str, str]:
+    """A local Ray's HAProxy gets free ports for its stats page and metrics and a folder of its
+    own (removed by stop_ray): Ray's defaults (8404, 9101, /tmp/haproxy-serve) are one per host,
+    so a second `serve` on the machine failed to bind them, and every run left its folder."""
+    global _haproxy_folder
+    # HAProxy refuses socket paths over 97 characters, and Ray adds a 56-character node id:
+    # a short folder in /tmp, as Ray's own default (/tmp/haproxy-serve), not in $TMPDIR.
+    _haproxy_folder = Path(tempfile.mkdtemp(prefix=HAPROXY_FOLDER_PREFIX, dir="/tmp"))
+    paths = {
+        "CONFIG_FILE_LOC": "haproxy.cfg",
+        "SOCKET_PATH": "admin.sock",
+        "SERVER_STATE_FILE": "server-state",
+        "METRICS_SOCKET_PATH": "metrics.sock",
+    }
+    return {
+        "RAY_SERVE_HAPROXY_STATS_PORT": str(_free_port()),
+        "RAY_SERVE_HAPROXY_METRICS_PORT": str(_free_port()),
+        "RAY_SERVE_HAPROXY_SERVER_STATE_BASE": str(_haproxy_folder),
+        **{f"RAY_SERVE_HAPROXY_{name}": str(_haproxy_folder / f) for name, f in paths.items()},
+    }
+
+
+def _free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return int(probe.getsockname()[1])
+
+
+def stop_ray() -> None:
+    """Disconnect from Ray: a local Ray (start_ray) stops, and its HAProxy folder goes."""
+    global _haproxy_folder
+    ray.shutdown()
+    if _haproxy_folder is not None:
+        shutil.rmtree(_haproxy_folder, ignore_errors=True)
+        _haproxy_folder = None
 
 
 def alive_node_resources() -> list[dict[str, float]]:
@@ -85,7 +131,10 @@ def deploy(
         raise DeployError(f"cannot place the models on this Ray cluster: {exc}") from None
     # A cluster joined with --address may keep the flag of a previous `serve` that drained.
     internal_kv._internal_kv_del(DRAIN_KEY, namespace=KV_NAMESPACE)
-    serve.start(http_options={"host": host, "port": port})
+    try:
+        serve.start(http_options={"host": host, "port": port})
+    except RuntimeError as exc:  # e.g. HAProxy could not bind a port another process took
+        raise DeployError(f"cannot start the HTTP ingress on {host}:{port}: {exc}") from None
     # Non-blocking so that we can report progress and give up with a reason instead of hanging.
     serve._run(build_app(app_config), name=APP_NAME, route_prefix="/", _blocking=False)
     return wait_until_running(timeout_s, on_progress, stop or threading.Event())

@@ -14,6 +14,7 @@ import httpx
 import pytest
 import yaml
 
+from cluster import runtime
 from tests.integration.conftest import free_port
 
 pytestmark = pytest.mark.integration
@@ -24,6 +25,10 @@ def processes_in_session(sid: int) -> list[str]:
     out = subprocess.run(["ps", "-eo", "sid=,stat=,args="], capture_output=True, text=True).stdout
     rows = [line.split(None, 2) for line in out.splitlines()]
     return [row[2] for row in rows if len(row) == 3 and int(row[0]) == sid and "Z" not in row[1]]
+
+
+def haproxy_folders() -> set[Path]:
+    return set(Path("/tmp").glob(f"{runtime.HAPROXY_FOLDER_PREFIX}*"))
 
 
 # Long enough (about 18 s on the simulated profile) that the drain is still waiting for it while
@@ -72,6 +77,7 @@ def test_serve_answers_then_drains_and_stops_cleanly_on_sigterm(
             }
         )
     )
+    haproxy_folders_before = haproxy_folders()
     process = subprocess.Popen(
         [sys.executable, "-m", "cluster", "serve", "--config", str(config), "--port", str(port)],
         stdout=subprocess.PIPE,
@@ -100,6 +106,8 @@ def test_serve_answers_then_drains_and_stops_cleanly_on_sigterm(
         assert response.status_code == 200, response.text
         assert response.json()["usage"]["completion_tokens"] == 4
         assert any("raylet" in p for p in processes_in_session(process.pid))
+        # HAProxy's files are in a folder of this run's (Ray's default is one per host).
+        assert len(haproxy_folders() - haproxy_folders_before) == 1
 
         # SIGTERM (what Kubernetes sends) with a stream in flight: it finishes before the exit,
         # while new requests get a 503 with Retry-After and /health says draining.
@@ -136,3 +144,4 @@ def test_serve_answers_then_drains_and_stops_cleanly_on_sigterm(
     if leftovers:
         os.killpg(process.pid, signal.SIGKILL)
     assert leftovers == []
+    assert haproxy_folders() - haproxy_folders_before == set()

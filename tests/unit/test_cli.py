@@ -6,6 +6,7 @@ import asyncio
 import os
 import pickle
 import signal
+import socket
 import types
 from collections.abc import Iterator
 from pathlib import Path
@@ -69,6 +70,21 @@ def test_serve_refuses_a_bad_listen_address_before_starting_ray(
     assert f"{option.removeprefix('--')}:" in capsys.readouterr().err
 
 
+def test_serve_refuses_a_port_in_use_before_starting_ray(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Another process on the port: exit 2 with the reason, not Ray's traceback from the
+    ingress failing to bind it (exit 1) after the deploy began."""
+    monkeypatch.setattr(runtime, "start_ray", lambda config: pytest.fail("Ray started"))
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = str(taken.getsockname()[1])
+        argv = ["serve", "--config", str(write_config(tmp_path)), "--host", "127.0.0.1"]
+        assert main([*argv, "--port", port]) == EXIT_CONFIG
+    assert f"cannot listen on 127.0.0.1:{port}" in capsys.readouterr().err
+
+
 def test_sigterm_during_the_deploy_wait_stops_serve(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, signal_handlers: None
 ) -> None:
@@ -91,7 +107,9 @@ def test_sigterm_during_the_deploy_wait_stops_serve(
     monkeypatch.setattr(runtime.serve, "shutdown", lambda: shut_down.append("serve"))
     monkeypatch.setattr(runtime.ray, "shutdown", lambda: shut_down.append("ray"))
 
-    assert main(["serve", "--config", str(write_config(tmp_path))]) == 0
+    # A port of its own: the default (8000) may be taken by a `serve` running on this machine.
+    port = str(runtime._free_port())
+    assert main(["serve", "--config", str(write_config(tmp_path)), "--port", port]) == 0
     assert shut_down == ["serve", "ray"]
 
 
