@@ -17,6 +17,7 @@ from cluster.config import ConfigError, HTTPConfig, default_config_path, format_
 
 EXIT_CONFIG = 2
 EXIT_DEPLOY = 3
+EXIT_INTERRUPTED = 130  # a shell's code for a process ended by Ctrl-C
 STATUS_DECISIONS = 5  # the autoscaler's most recent decisions shown per deployment
 
 
@@ -186,6 +187,9 @@ def _serve(args: argparse.Namespace) -> int:
     except runtime.DeployError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return EXIT_DEPLOY
+    except KeyboardInterrupt:  # a second Ctrl-C or SIGTERM (_stop_event): stop without draining
+        print("stopping at once (a second signal)...", file=sys.stderr, flush=True)
+        return EXIT_INTERRUPTED
     finally:
         try:
             serve.shutdown()  # replicas' __del__ shut their engines down (and engine processes)

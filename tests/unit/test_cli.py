@@ -113,6 +113,43 @@ def test_sigterm_during_the_deploy_wait_stops_serve(
     assert shut_down == ["serve", "ray"]
 
 
+def test_a_second_signal_during_the_drain_stops_serve_at_once(
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    signal_handlers: None,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """The first SIGTERM drains; a second one stops without waiting for the drain: exit 130
+    with a line saying so (it was a KeyboardInterrupt traceback), Serve and Ray still shut down."""
+    shut_down: list[str] = []
+    running = types.SimpleNamespace(status="RUNNING", message="", deployments={})
+    monkeypatch.setattr(runtime, "start_ray", lambda config: None)
+    monkeypatch.setattr(runtime, "alive_node_resources", lambda: [{"CPU": 8.0}])
+    monkeypatch.setattr(runtime, "build_app", lambda app_config: None)
+    monkeypatch.setattr(runtime.internal_kv, "_internal_kv_del", lambda *a, **k: None)
+    monkeypatch.setattr(runtime.serve, "start", lambda **kwargs: None)
+    monkeypatch.setattr(runtime.serve, "_run", lambda *a, **k: os.kill(os.getpid(), signal.SIGTERM))
+    monkeypatch.setattr(
+        runtime.serve,
+        "status",
+        lambda: types.SimpleNamespace(applications={runtime.APP_NAME: running}),
+    )
+    monkeypatch.setattr(runtime, "start_draining", lambda: None)
+
+    def drain(timeout_s: float) -> int:
+        os.kill(os.getpid(), signal.SIGTERM)
+        raise AssertionError("the second signal did not stop the drain")
+
+    monkeypatch.setattr(runtime, "drain", drain)
+    monkeypatch.setattr(runtime.serve, "shutdown", lambda: shut_down.append("serve"))
+    monkeypatch.setattr(runtime.ray, "shutdown", lambda: shut_down.append("ray"))
+
+    port = str(runtime._free_port())
+    assert main(["serve", "--config", str(write_config(tmp_path)), "--port", port]) == 130
+    assert shut_down == ["serve", "ray"]
+    assert "stopping at once (a second signal)" in capsys.readouterr().err
+
+
 class _KVLog:
     def extend(self, events: list[Any]) -> None:
         pass
