@@ -88,14 +88,15 @@ def _local_haproxy_env() -> dict[str, str]:
         "METRICS_SOCKET_PATH": "metrics.sock",
     }
     return {
-        "RAY_SERVE_HAPROXY_STATS_PORT": str(_free_port()),
-        "RAY_SERVE_HAPROXY_METRICS_PORT": str(_free_port()),
+        "RAY_SERVE_HAPROXY_STATS_PORT": str(free_port()),
+        "RAY_SERVE_HAPROXY_METRICS_PORT": str(free_port()),
         "RAY_SERVE_HAPROXY_SERVER_STATE_BASE": str(_haproxy_folder),
         **{f"RAY_SERVE_HAPROXY_{name}": str(_haproxy_folder / f) for name, f in paths.items()},
     }
 
 
-def _free_port() -> int:
+def free_port() -> int:
+    """A TCP port no process listens on now (the OS's pick)."""
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         return int(probe.getsockname()[1])

@@ -17,8 +17,8 @@ What it models, after vLLM v1's scheduler and KV cache manager:
   takes the whole prompt's blocks at admission: while a prompt longer than a step's token budget
   is prefilled, KV usage counts all its blocks (a 30k-token prompt under an 8192 budget: 1875
   from its first chunk on, where vLLM counts 512, 1024, 1536, then 1875) and its later chunks
-  never preempt. A prompt of the benchmarks (1024
-  tokens) is at most 64 of the 8B/H100 profile's 27,000 blocks;
+  never preempt. A prompt of the benchmarks (1024 tokens) is at most 64 of the 8B/H100
+  profile's 27,000 blocks;
 - step time from the profile's additive cost model (see profiles.py).
 
 Generated tokens are uniform random ids, deterministic per (engine seed, request seed or id, choice)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import socket
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -15,15 +14,10 @@ from prometheus_client.parser import text_string_to_metric_families
 from ray import serve
 
 from cluster import runtime
+from cluster.runtime import free_port
 from deployments.config import AppConfig, ModelConfig, RouterConfig
 
 pytestmark = pytest.mark.integration
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def simulated_model(embedded_model: Path, **overrides: object) -> ModelConfig:

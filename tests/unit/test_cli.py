@@ -108,7 +108,7 @@ def test_sigterm_during_the_deploy_wait_stops_serve(
     monkeypatch.setattr(runtime.ray, "shutdown", lambda: shut_down.append("ray"))
 
     # A port of its own: the default (8000) may be taken by a `serve` running on this machine.
-    port = str(runtime._free_port())
+    port = str(runtime.free_port())
     assert main(["serve", "--config", str(write_config(tmp_path)), "--port", port]) == 0
     assert shut_down == ["serve", "ray"]
 
@@ -144,7 +144,7 @@ def test_a_second_signal_during_the_drain_stops_serve_at_once(
     monkeypatch.setattr(runtime.serve, "shutdown", lambda: shut_down.append("serve"))
     monkeypatch.setattr(runtime.ray, "shutdown", lambda: shut_down.append("ray"))
 
-    port = str(runtime._free_port())
+    port = str(runtime.free_port())
     assert main(["serve", "--config", str(write_config(tmp_path)), "--port", port]) == 130
     assert shut_down == ["serve", "ray"]
     assert "stopping at once (a second signal)" in capsys.readouterr().err
