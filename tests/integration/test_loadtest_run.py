@@ -364,7 +364,8 @@ def test_loadtest_capacity_against_the_simulated_app(simulated_app: str, tmp_pat
 
     out = tmp_path / "cap"
     argv = ["capacity", "--target", simulated_app, "--replicas=3", "--hold-s=4", "--window-s=2"]
-    argv += ["--low=1", "--high=6", "--resolution=2.5", "--out", str(out), "--"]
+    # Seeds no other test of this app draws prompts from (its replicas cache theirs).
+    argv += ["--low=1", "--high=6", "--resolution=2.5", "--seed=100", "--out", str(out), "--"]
     assert main([*argv, "--workload=random", "--input-len=64", "--output-len=8"]) == 0
     result = json.loads((out / "capacity.json").read_text())
     # 1/s, then the middle of [1, 6]; [3.5, 6] is within the resolution.
@@ -374,7 +375,7 @@ def test_loadtest_capacity_against_the_simulated_app(simulated_app: str, tmp_pat
         assert probe["requests"] == probe["completed"] == math.ceil(probe["rate"] * 4)
         summary = json.loads((out / f"rate-{probe['rate']:g}" / "summary.json").read_text())
         assert summary["completed"] == probe["completed"] and "--rate" in summary["command"]
-        # The second probe's prompts are its own, not the first's, now in the replicas' caches.
+        # Each probe's prompts are its own: the second's are not the first's, now cached.
         assert summary["cached_prompt_tokens"] == 0
     # Never failed below --high: the capacity is a lower bound.
     assert result["capacity_per_s"] == 3.5 and result["capacity_at_least"]
