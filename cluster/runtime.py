@@ -25,6 +25,8 @@ import ray
 from ray import serve
 from ray.experimental import internal_kv
 from ray.serve._private.common import RequestMetadata
+from ray.serve.context import _get_global_client
+from ray.serve.schema import ServeInstanceDetails, ServeStatus
 
 from cluster import ingress
 from cluster.config import ClusterConfig
@@ -149,11 +151,15 @@ def wait_until_running(
     deadline = time.monotonic() + timeout_s
     last = ""
     while True:
-        app = serve.status().applications.get(APP_NAME)
+        try:
+            app = serve_status(STATUS_TIMEOUT_S).applications.get(APP_NAME)
+        except ray.exceptions.GetTimeoutError:
+            app, detail = None, f"Serve's controller did not answer within {STATUS_TIMEOUT_S:g} s"
+        else:
+            detail = _pending_detail(app)
         status = app.status if app else "NOT_STARTED"
         if status == "RUNNING":
             return True
-        detail = _pending_detail(app)
         if status in ("DEPLOY_FAILED", "UNHEALTHY"):
             raise DeployError(f"deployment failed: {app.message if app else ''} {detail}".strip())
         if stop.is_set():
@@ -164,6 +170,17 @@ def wait_until_running(
         if time.monotonic() > deadline:
             raise DeployError(f"not ready after {timeout_s:g} s: {detail}")
         stop.wait(1.0)
+
+
+def serve_status(timeout_s: float) -> ServeStatus:
+    """serve.status(), but GetTimeoutError when Serve's controller does not answer within
+    timeout_s: serve.status() waits for it forever, and a hung controller held `serve` past its
+    deploy timeout, deaf to SIGTERM."""
+    client = _get_global_client(raise_if_no_controller_running=False)
+    if client is None:
+        return ServeStatus()  # Serve has not started
+    details = ray.get(client._controller.get_serve_instance_details.remote(), timeout=timeout_s)
+    return ServeInstanceDetails(**details)._get_status()
 
 
 def _pending_detail(app: Any) -> str:
@@ -246,7 +263,7 @@ def ongoing_requests(timeout_s: float) -> int:
 
 def cluster_status(timeout_s: float = STATUS_TIMEOUT_S) -> list[DeploymentStatus]:
     """Every deployment of the app, and for LLMServers each replica's engine stats."""
-    app = serve.status().applications.get(APP_NAME)
+    app = serve_status(timeout_s).applications.get(APP_NAME)
     if app is None:
         return []
     replica_actors = _replica_actor_names()

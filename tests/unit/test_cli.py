@@ -7,12 +7,14 @@ import os
 import pickle
 import signal
 import socket
+import threading
 import types
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
+import ray
 import yaml
 
 from cluster import k8s_render, runtime
@@ -100,9 +102,9 @@ def test_sigterm_during_the_deploy_wait_stops_serve(
     # The signal arrives once the app is submitted, while `serve` waits for its replicas.
     monkeypatch.setattr(runtime.serve, "_run", lambda *a, **k: os.kill(os.getpid(), signal.SIGTERM))
     monkeypatch.setattr(
-        runtime.serve,
-        "status",
-        lambda: types.SimpleNamespace(applications={runtime.APP_NAME: pending}),
+        runtime,
+        "serve_status",
+        lambda timeout_s: types.SimpleNamespace(applications={runtime.APP_NAME: pending}),
     )
     monkeypatch.setattr(runtime.serve, "shutdown", lambda: shut_down.append("serve"))
     monkeypatch.setattr(runtime.ray, "shutdown", lambda: shut_down.append("ray"))
@@ -130,9 +132,9 @@ def test_a_second_signal_during_the_drain_stops_serve_at_once(
     monkeypatch.setattr(runtime.serve, "start", lambda **kwargs: None)
     monkeypatch.setattr(runtime.serve, "_run", lambda *a, **k: os.kill(os.getpid(), signal.SIGTERM))
     monkeypatch.setattr(
-        runtime.serve,
-        "status",
-        lambda: types.SimpleNamespace(applications={runtime.APP_NAME: running}),
+        runtime,
+        "serve_status",
+        lambda timeout_s: types.SimpleNamespace(applications={runtime.APP_NAME: running}),
     )
     monkeypatch.setattr(runtime, "start_draining", lambda: None)
 
@@ -148,6 +150,24 @@ def test_a_second_signal_during_the_drain_stops_serve_at_once(
     assert main(["serve", "--config", str(write_config(tmp_path)), "--port", port]) == 130
     assert shut_down == ["serve", "ray"]
     assert "stopping at once (a second signal)" in capsys.readouterr().err
+
+
+def test_a_controller_that_does_not_answer_bounds_the_deploy_wait(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Serve's controller hung: the wait still ends at its deadline with the reason, and a stop
+    still ends it at once (serve.status() waited for the controller forever)."""
+
+    def hung(timeout_s: float) -> None:
+        raise ray.exceptions.GetTimeoutError("no answer")
+
+    monkeypatch.setattr(runtime, "serve_status", hung)
+    progress: list[str] = []
+    with pytest.raises(runtime.DeployError, match="controller did not answer within 5 s"):
+        runtime.wait_until_running(0.0, progress.append, threading.Event())
+    stop = threading.Event()
+    stop.set()
+    assert runtime.wait_until_running(60.0, progress.append, stop) is False
 
 
 class _KVLog:
