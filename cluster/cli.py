@@ -248,6 +248,9 @@ def _status(args: argparse.Namespace) -> int:
         return EXIT_DEPLOY
     try:
         deployments = runtime.cluster_status()
+    except ray.exceptions.GetTimeoutError as exc:
+        print(f"error: Serve's controller did not answer: {exc}", file=sys.stderr)
+        return EXIT_DEPLOY
     finally:
         ray.shutdown()
     if not deployments:

@@ -170,6 +170,19 @@ def test_a_controller_that_does_not_answer_bounds_the_deploy_wait(
     assert runtime.wait_until_running(60.0, progress.append, stop) is False
 
 
+def test_status_says_when_the_controller_does_not_answer(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    def hung(timeout_s: float) -> None:
+        raise ray.exceptions.GetTimeoutError("no answer within 5 s")
+
+    monkeypatch.setattr(ray, "init", lambda **kwargs: None)
+    monkeypatch.setattr(ray, "shutdown", lambda: None)
+    monkeypatch.setattr(runtime, "serve_status", hung)
+    assert main(["status"]) == 3
+    assert "Serve's controller did not answer: no answer within 5 s" in capsys.readouterr().err
+
+
 class _KVLog:
     def extend(self, events: list[Any]) -> None:
         pass
