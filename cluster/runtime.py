@@ -76,9 +76,12 @@ def start_ray(config: ClusterConfig) -> None:
 
 
 def _local_haproxy_env() -> dict[str, str]:
-    """A local Ray's HAProxy gets free ports for its stats page and metrics and a folder of its
-    own (removed by stop_ray): Ray's defaults (8404, 9101, /tmp/haproxy-serve) are one per host,
-    so a second `serve` on the machine failed to bind them, and every run left its folder."""
+    """A local Ray's HAProxy gets free ports for its stats page and metrics, its fallback proxy
+    (Serve's Python proxy, which HAProxy sends requests to while no Router replica runs) free
+    ports too, and a folder of its own (removed by stop_ray). Ray's defaults (8404, 9101, 8500,
+    9500, /tmp/haproxy-serve) are one per host: a second `serve` on the machine failed to bind
+    the first two, shared 8500 with the first (the kernel split the fallback's connections
+    between the two apps), and every run left its folder."""
     global _haproxy_folder
     # HAProxy refuses socket paths over 97 characters, and Ray adds a 56-character node id:
     # a short folder in /tmp, as Ray's own default (/tmp/haproxy-serve), not in $TMPDIR.
@@ -92,6 +95,8 @@ def _local_haproxy_env() -> dict[str, str]:
     return {
         "RAY_SERVE_HAPROXY_STATS_PORT": str(free_port()),
         "RAY_SERVE_HAPROXY_METRICS_PORT": str(free_port()),
+        "RAY_SERVE_FALLBACK_PROXY_HTTP_PORT": str(free_port()),
+        "RAY_SERVE_FALLBACK_PROXY_GRPC_PORT": str(free_port()),
         "RAY_SERVE_HAPROXY_SERVER_STATE_BASE": str(_haproxy_folder),
         **{f"RAY_SERVE_HAPROXY_{name}": str(_haproxy_folder / f) for name, f in paths.items()},
     }
