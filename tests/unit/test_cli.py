@@ -87,27 +87,34 @@ def test_serve_refuses_a_port_in_use_before_starting_ray(
     assert f"cannot listen on 127.0.0.1:{port}" in capsys.readouterr().err
 
 
-def test_sigterm_during_the_deploy_wait_stops_serve(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, signal_handlers: None
-) -> None:
-    """A SIGTERM while replicas start ends `serve` cleanly (exit 0, Serve and Ray shut down),
-    not after deploy_timeout_s with a deploy error (exit 3)."""
+def fake_serve(monkeypatch: pytest.MonkeyPatch, app_status: str) -> list[str]:
+    """`serve` without Ray: the app reports `app_status`, a SIGTERM arrives once it is submitted,
+    and the returned list records Serve's and Ray's shutdowns in order."""
     shut_down: list[str] = []
-    pending = types.SimpleNamespace(status="DEPLOYING", message="", deployments={})
+    app = types.SimpleNamespace(status=app_status, message="", deployments={})
     monkeypatch.setattr(runtime, "start_ray", lambda config: None)
     monkeypatch.setattr(runtime, "alive_node_resources", lambda: [{"CPU": 8.0}])
     monkeypatch.setattr(runtime, "build_app", lambda app_config: None)
     monkeypatch.setattr(runtime.internal_kv, "_internal_kv_del", lambda *a, **k: None)
     monkeypatch.setattr(runtime.serve, "start", lambda **kwargs: None)
-    # The signal arrives once the app is submitted, while `serve` waits for its replicas.
     monkeypatch.setattr(runtime.serve, "_run", lambda *a, **k: os.kill(os.getpid(), signal.SIGTERM))
     monkeypatch.setattr(
         runtime,
         "serve_status",
-        lambda timeout_s: types.SimpleNamespace(applications={runtime.APP_NAME: pending}),
+        lambda timeout_s: types.SimpleNamespace(applications={runtime.APP_NAME: app}),
     )
     monkeypatch.setattr(runtime.serve, "shutdown", lambda: shut_down.append("serve"))
     monkeypatch.setattr(runtime.ray, "shutdown", lambda: shut_down.append("ray"))
+    return shut_down
+
+
+def test_sigterm_during_the_deploy_wait_stops_serve(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, signal_handlers: None
+) -> None:
+    """A SIGTERM while replicas start ends `serve` cleanly (exit 0, Serve and Ray shut down),
+    not after deploy_timeout_s with a deploy error (exit 3)."""
+    # The signal arrives once the app is submitted, while `serve` waits for its replicas.
+    shut_down = fake_serve(monkeypatch, app_status="DEPLOYING")
 
     # A port of its own: the default (8000) may be taken by a `serve` running on this machine.
     port = str(runtime.free_port())
@@ -123,19 +130,7 @@ def test_a_second_signal_during_the_drain_stops_serve_at_once(
 ) -> None:
     """The first SIGTERM drains; a second one stops without waiting for the drain: exit 130
     with a line saying so (it was a KeyboardInterrupt traceback), Serve and Ray still shut down."""
-    shut_down: list[str] = []
-    running = types.SimpleNamespace(status="RUNNING", message="", deployments={})
-    monkeypatch.setattr(runtime, "start_ray", lambda config: None)
-    monkeypatch.setattr(runtime, "alive_node_resources", lambda: [{"CPU": 8.0}])
-    monkeypatch.setattr(runtime, "build_app", lambda app_config: None)
-    monkeypatch.setattr(runtime.internal_kv, "_internal_kv_del", lambda *a, **k: None)
-    monkeypatch.setattr(runtime.serve, "start", lambda **kwargs: None)
-    monkeypatch.setattr(runtime.serve, "_run", lambda *a, **k: os.kill(os.getpid(), signal.SIGTERM))
-    monkeypatch.setattr(
-        runtime,
-        "serve_status",
-        lambda timeout_s: types.SimpleNamespace(applications={runtime.APP_NAME: running}),
-    )
+    shut_down = fake_serve(monkeypatch, app_status="RUNNING")
     monkeypatch.setattr(runtime, "start_draining", lambda: None)
 
     def drain(timeout_s: float) -> int:
@@ -143,8 +138,6 @@ def test_a_second_signal_during_the_drain_stops_serve_at_once(
         raise AssertionError("the second signal did not stop the drain")
 
     monkeypatch.setattr(runtime, "drain", drain)
-    monkeypatch.setattr(runtime.serve, "shutdown", lambda: shut_down.append("serve"))
-    monkeypatch.setattr(runtime.ray, "shutdown", lambda: shut_down.append("ray"))
 
     port = str(runtime.free_port())
     assert main(["serve", "--config", str(write_config(tmp_path)), "--port", port]) == 130
