@@ -18,6 +18,10 @@ from cluster.config import ConfigError, HTTPConfig, default_config_path, format_
 EXIT_CONFIG = 2
 EXIT_DEPLOY = 3
 EXIT_INTERRUPTED = 130  # a shell's code for a process ended by Ctrl-C
+EXIT_RAY_STOPPED = 1  # Ray's processes stopped under `serve`: in-flight requests were lost
+# Ray's processes share `serve`'s process group, and a signal sent to the whole group stops them
+# at once. A terminal's Ctrl-C is harmless (they ignore SIGINT), systemd's SIGTERM is not.
+RAY_STOPPED_HINT = "a SIGTERM to the whole process group? under systemd, set KillMode=mixed"
 STATUS_DECISIONS = 5  # the autoscaler's most recent decisions shown per deployment
 
 
@@ -128,8 +132,6 @@ def _validate(args: argparse.Namespace) -> int:
 
 
 def _serve(args: argparse.Namespace) -> int:
-    from ray import serve
-
     from cluster import runtime
 
     path = args.config or default_config_path()
@@ -160,6 +162,14 @@ def _serve(args: argparse.Namespace) -> int:
         if not deployed:  # Ctrl-C or SIGTERM while replicas were starting: nothing to drain
             print("stopping before the deployment was ready...", flush=True)
             return 0
+        if config.ray.address is not None:
+            requested, http = http, runtime.ingress_options(http)
+            if http != requested:
+                print(
+                    f"note: Serve already ran on this cluster, listening on {http.host}:"
+                    f"{http.port}; --host/--port and http: apply only to a new Serve",
+                    flush=True,
+                )
         url = f"http://{'127.0.0.1' if http.host == '0.0.0.0' else http.host}:{http.port}"
         model = app_config.models[0].name
         print(
@@ -190,11 +200,29 @@ def _serve(args: argparse.Namespace) -> int:
     except KeyboardInterrupt:  # a second Ctrl-C or SIGTERM (_stop_event): stop without draining
         print("stopping at once (a second signal)...", file=sys.stderr, flush=True)
         return EXIT_INTERRUPTED
+    except runtime.RayStopped as exc:  # the replicas went with Ray: their requests were cut
+        print(f"error: {exc} during the drain ({RAY_STOPPED_HINT})", file=sys.stderr)
+        return EXIT_RAY_STOPPED
     finally:
-        try:
-            serve.shutdown()  # replicas' __del__ shut their engines down (and engine processes)
-        finally:
-            runtime.stop_ray()  # a local Ray started here ends with us: no leftover processes
+        _stop(joined=config.ray.address is not None)
+
+
+def _stop(*, joined: bool) -> None:
+    """Serve's shutdown, then Ray's. One more signal cuts Serve's shutdown short (a local Ray's
+    stop takes the replicas down anyway); none interrupts Ray's stop, which leaves no processes
+    behind only if it finishes."""
+    from cluster import runtime
+
+    try:
+        if not runtime.stop_app(joined=joined):
+            print("Ray had stopped: nothing to shut down", file=sys.stderr, flush=True)
+    except KeyboardInterrupt:
+        left = "the app may still be on the cluster" if joined else "Ray's stop ends the replicas"
+        print(f"stopping at once (a second signal): {left}...", file=sys.stderr, flush=True)
+    finally:
+        for signum in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(signum, signal.SIG_IGN)
+        runtime.stop_ray()  # a local Ray started here ends with us: no leftover processes
 
 
 def _http_options(http: HTTPConfig, *, host: str | None, port: int | None) -> HTTPConfig:

@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import psutil
 import ray
 from ray import serve
 from ray.experimental import internal_kv
@@ -29,7 +30,7 @@ from ray.serve.context import _get_global_client
 from ray.serve.schema import ServeInstanceDetails, ServeStatus
 
 from cluster import ingress
-from cluster.config import ClusterConfig
+from cluster.config import ClusterConfig, HTTPConfig
 from deployments.app import build_app
 from deployments.autoscaling import KV_NAMESPACE, decisions_key
 from deployments.config import AppConfig, deployment_name
@@ -39,13 +40,17 @@ from deployments.router import DRAIN_KEY, DRAIN_POLL_S
 APP_NAME = "inference-cluster"
 # How long a status call waits for a replica.
 STATUS_TIMEOUT_S = 5.0
-# A local Ray's HAProxy folder, /tmp/haproxy-XXXXXXXX (see _local_haproxy_env).
+# A local Ray's HAProxy folder, /tmp/haproxy-XXXXXXXX (see local_haproxy_env).
 HAPROXY_FOLDER_PREFIX = "haproxy-"
 _haproxy_folder: Path | None = None
 
 
 class DeployError(RuntimeError):
     """The app could not be deployed; the message says which deployment and why."""
+
+
+class RayStopped(RuntimeError):
+    """Ray's GCS no longer answers this driver: Ray's processes stopped under it."""
 
 
 def start_ray(config: ClusterConfig) -> None:
@@ -60,7 +65,7 @@ def start_ray(config: ClusterConfig) -> None:
         return
     os.environ.update(ingress.ray_env(config.ingress))
     if config.ingress.haproxy:
-        os.environ.update(_local_haproxy_env())
+        os.environ.update(local_haproxy_env())
     # Logical CPUs are bookkeeping: on a laptop the demo's replicas may reserve more than there
     # are cores, and they still run (they are mostly idle between requests).
     num_cpus = config.ray.num_cpus or max(os.cpu_count() or 1, int(config.reserved_cpus() + 1))
@@ -75,7 +80,7 @@ def start_ray(config: ClusterConfig) -> None:
     )
 
 
-def _local_haproxy_env() -> dict[str, str]:
+def local_haproxy_env() -> dict[str, str]:
     """A local Ray's HAProxy gets free ports for its stats page and metrics, its fallback proxy
     (Serve's Python proxy, which HAProxy sends requests to while no Router replica runs) free
     ports too, and a folder of its own (removed by stop_ray). Ray's defaults (8404, 9101, 8500,
@@ -110,12 +115,60 @@ def free_port() -> int:
 
 
 def stop_ray() -> None:
-    """Disconnect from Ray: a local Ray (start_ray) stops, and its HAProxy folder goes."""
+    """Disconnect from Ray: a local Ray (start_ray) stops, and its HAProxy goes with its folder."""
     global _haproxy_folder
     ray.shutdown()
     if _haproxy_folder is not None:
+        _stop_orphaned_haproxy(_haproxy_folder)
         shutil.rmtree(_haproxy_folder, ignore_errors=True)
         _haproxy_folder = None
+
+
+def _stop_orphaned_haproxy(folder: Path) -> None:
+    """Stop the HAProxy processes that run from `folder`. Serve's HAProxy manager actor stops
+    its HAProxy when Serve shuts down, but the HAProxy outlives a manager that Ray's own death
+    took (a SIGTERM to the whole process group, as systemd sends by default): it kept serving
+    --port and refused the next `serve`. None is left after a clean stop."""
+    orphans = []
+    for process in psutil.process_iter(["cmdline"]):
+        with contextlib.suppress(psutil.Error):
+            if any(str(folder) in arg for arg in process.info["cmdline"] or ()):
+                process.terminate()
+                orphans.append(process)
+    _, alive = psutil.wait_procs(orphans, timeout=5)
+    for process in alive:
+        with contextlib.suppress(psutil.Error):
+            process.kill()
+
+
+def check_ray_alive(timeout_s: float = STATUS_TIMEOUT_S) -> None:
+    """RayStopped when Ray's GCS does not answer within timeout_s. The driver's other calls
+    (listing actors, Serve's shutdown) wait for a lost GCS until Ray's 60 s reconnect deadline,
+    and then Ray ends the process (exit 1): `serve` checks first, once per step of its stop."""
+    gcs = internal_kv.internal_kv_get_gcs_client()
+    try:
+        gcs.internal_kv_get(DRAIN_KEY.encode(), KV_NAMESPACE.encode(), timeout=timeout_s)
+    except ray.exceptions.RpcError:
+        raise RayStopped(
+            f"Ray's GCS did not answer within {timeout_s:g} s: Ray's processes have stopped"
+        ) from None
+
+
+def stop_app(joined: bool) -> bool:
+    """Take down what `serve` deployed, False when Ray stopped first (nothing left to stop).
+
+    On the local Ray, Serve itself shuts down (each replica's __del__ stops its engine). On a
+    cluster joined with --address only this app goes: Serve, its proxies and the other apps
+    there are the cluster's (Serve's own `serve run` shuts all of Serve down)."""
+    try:
+        check_ray_alive()
+    except RayStopped:
+        return False
+    if joined:
+        serve.delete(APP_NAME)
+    else:
+        serve.shutdown()
+    return True
 
 
 def alive_node_resources() -> list[dict[str, float]]:
@@ -181,11 +234,27 @@ def serve_status(timeout_s: float) -> ServeStatus:
     """serve.status(), but GetTimeoutError when Serve's controller does not answer within
     timeout_s: serve.status() waits for it forever, and a hung controller held `serve` past its
     deploy timeout, deaf to SIGTERM."""
+    instance = _serve_instance(timeout_s)
+    return instance._get_status() if instance else ServeStatus()  # None: Serve has not started
+
+
+def _serve_instance(timeout_s: float) -> ServeInstanceDetails | None:
     client = _get_global_client(raise_if_no_controller_running=False)
     if client is None:
-        return ServeStatus()  # Serve has not started
+        return None
     details = ray.get(client._controller.get_serve_instance_details.remote(), timeout=timeout_s)
-    return ServeInstanceDetails(**details)._get_status()
+    return ServeInstanceDetails(**details)
+
+
+def ingress_options(requested: HTTPConfig) -> HTTPConfig:
+    """The host and port Serve's proxies listen on. On a joined cluster where Serve already ran
+    they are that Serve's: serve.start() applies no http_options to a running Serve, and the
+    ready banner printed --port's URL where nothing listened."""
+    instance = _serve_instance(STATUS_TIMEOUT_S)
+    if instance is None or instance.http_options is None:
+        return requested
+    listening = {"host": instance.http_options.host, "port": instance.http_options.port}
+    return requested.model_copy(update=listening)
 
 
 def _pending_detail(app: Any) -> str:
@@ -226,16 +295,19 @@ class DeploymentStatus:
 def start_draining() -> None:
     """Every router answers new requests with a 503 (Retry-After) and /health with "draining"
     from now on; returns once each has read the flag (two of its poll periods)."""
+    check_ray_alive()
     internal_kv._internal_kv_put(DRAIN_KEY, b"1", namespace=KV_NAMESPACE)
     time.sleep(2 * DRAIN_POLL_S)
 
 
 def drain(timeout_s: float, poll_s: float = 0.5) -> int:
     """Wait until no replica of the app has a request (two polls in a row, so a request between
-    a router and its replica is not missed), or until timeout_s; returns what is still busy."""
+    a router and its replica is not missed), or until timeout_s; returns what is still busy.
+    RayStopped when Ray's processes stop under the drain (they took the replicas with them)."""
     deadline = time.monotonic() + timeout_s
     idle_polls = 0
     while True:
+        check_ray_alive()
         busy = ongoing_requests(max(0.1, min(STATUS_TIMEOUT_S, deadline - time.monotonic())))
         idle_polls = idle_polls + 1 if busy == 0 else 0
         if idle_polls >= 2 or time.monotonic() >= deadline:

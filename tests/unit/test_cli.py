@@ -7,9 +7,12 @@ import os
 import pickle
 import signal
 import socket
+import subprocess
+import sys
 import threading
+import time
 import types
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -19,6 +22,7 @@ import yaml
 
 from cluster import k8s_render, runtime
 from cluster.cli import EXIT_CONFIG, main
+from cluster.config import HTTPConfig
 from deployments.llm_server import LLMServer
 
 MODEL = {
@@ -103,7 +107,9 @@ def fake_serve(monkeypatch: pytest.MonkeyPatch, app_status: str) -> list[str]:
         "serve_status",
         lambda timeout_s: types.SimpleNamespace(applications={runtime.APP_NAME: app}),
     )
+    monkeypatch.setattr(runtime, "check_ray_alive", lambda: None)
     monkeypatch.setattr(runtime.serve, "shutdown", lambda: shut_down.append("serve"))
+    monkeypatch.setattr(runtime.serve, "delete", lambda name: shut_down.append(f"delete {name}"))
     monkeypatch.setattr(runtime.ray, "shutdown", lambda: shut_down.append("ray"))
     return shut_down
 
@@ -143,6 +149,126 @@ def test_a_second_signal_during_the_drain_stops_serve_at_once(
     assert main(["serve", "--config", str(write_config(tmp_path)), "--port", port]) == 130
     assert shut_down == ["serve", "ray"]
     assert "stopping at once (a second signal)" in capsys.readouterr().err
+
+
+def test_signals_during_the_shutdown_cut_serves_short_but_not_rays(
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    signal_handlers: None,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """Ctrl-C again while Serve shuts down: Ray still stops (it raised a KeyboardInterrupt
+    traceback past Ray's stop); one during Ray's stop is ignored, so that it finishes."""
+    shut_down = fake_serve(monkeypatch, app_status="RUNNING")
+    monkeypatch.setattr(runtime, "start_draining", lambda: None)
+    monkeypatch.setattr(runtime, "drain", lambda timeout_s: 0)
+
+    def interrupted(name: str) -> Callable[[], None]:
+        def shutdown() -> None:
+            os.kill(os.getpid(), signal.SIGINT)
+            shut_down.append(name)  # reached only when the signal did not interrupt
+
+        return shutdown
+
+    monkeypatch.setattr(runtime.serve, "shutdown", interrupted("serve"))
+    monkeypatch.setattr(runtime.ray, "shutdown", interrupted("ray"))
+    port = str(runtime.free_port())
+    assert main(["serve", "--config", str(write_config(tmp_path)), "--port", port]) == 0
+    assert shut_down == ["ray"]
+    assert "stopping at once (a second signal): Ray's stop ends the replicas" in (
+        capsys.readouterr().err
+    )
+
+
+def test_serve_on_a_joined_cluster_deletes_only_its_app(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, signal_handlers: None
+) -> None:
+    """With --address the cluster is shared: stopping takes down this app, not Serve and the
+    other apps on it (serve.shutdown() did)."""
+    shut_down = fake_serve(monkeypatch, app_status="DEPLOYING")
+    argv = ["serve", "--config", str(write_config(tmp_path)), "--address", "ray://elsewhere:10001"]
+    assert main(argv) == 0
+    assert shut_down == [f"delete {runtime.APP_NAME}", "ray"]
+
+
+def test_the_ready_banner_on_a_joined_cluster_gives_its_running_serves_port(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """serve.start() applies no http_options to a Serve already running on a joined cluster: the
+    banner must give the port its proxies listen on, not --port."""
+    requested = HTTPConfig(host="127.0.0.1", port=8000)
+    running = types.SimpleNamespace(http_options=types.SimpleNamespace(host="0.0.0.0", port=28700))
+    monkeypatch.setattr(runtime, "_serve_instance", lambda timeout_s: running)
+    assert runtime.ingress_options(requested) == HTTPConfig(host="0.0.0.0", port=28700)
+    monkeypatch.setattr(runtime, "_serve_instance", lambda timeout_s: None)
+    assert runtime.ingress_options(requested) == requested
+
+
+def test_ray_stopped_under_the_drain_ends_serve_without_waiting_for_it(
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    signal_handlers: None,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """A SIGTERM to the whole process group stops Ray's processes with `serve`: the drain says
+    so and exits 1, and Serve's shutdown, which would wait 60 s for the lost GCS until Ray ends
+    the process, is skipped."""
+    shut_down = fake_serve(monkeypatch, app_status="RUNNING")
+
+    def gcs_gone() -> None:
+        raise runtime.RayStopped("Ray's GCS did not answer within 5 s")
+
+    monkeypatch.setattr(runtime, "check_ray_alive", gcs_gone)
+    port = str(runtime.free_port())
+    assert main(["serve", "--config", str(write_config(tmp_path)), "--port", port]) == 1
+    assert shut_down == ["ray"]
+    err = capsys.readouterr().err
+    assert "did not answer within 5 s during the drain" in err
+    assert "KillMode=mixed" in err
+
+
+def test_check_ray_alive_turns_a_lost_gcs_into_ray_stopped(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    timeouts: list[float] = []
+
+    class LostGcs:
+        def internal_kv_get(self, key: bytes, namespace: bytes, timeout: float) -> None:
+            timeouts.append(timeout)
+            raise ray.exceptions.RpcError("Timed out while waiting for GCS to become available.")
+
+    monkeypatch.setattr(runtime.internal_kv, "internal_kv_get_gcs_client", LostGcs)
+    with pytest.raises(runtime.RayStopped, match="did not answer within 2 s"):
+        runtime.check_ray_alive(2.0)
+    assert timeouts == [2.0]
+
+
+def test_stop_ray_stops_a_haproxy_left_running_from_its_folder(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The HAProxy of a Ray that stopped under `serve` kept serving its port: stop_ray ends every
+    process started from the run's HAProxy folder (one that ignores SIGTERM too), and no other."""
+    folder = tmp_path / "haproxy-run"
+    folder.mkdir()
+    ignores_sigterm = "import signal, time; signal.signal(signal.SIGTERM, signal.SIG_IGN); "
+    orphans = [
+        subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)", f"{folder}/a.cfg"]),
+        subprocess.Popen([sys.executable, "-c", ignores_sigterm + "time.sleep(60)", str(folder)]),
+    ]
+    bystander = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    monkeypatch.setattr(runtime.ray, "shutdown", lambda: None)
+    monkeypatch.setattr(runtime, "_haproxy_folder", folder)
+    time.sleep(0.5)  # the second one has set its handler
+    try:
+        runtime.stop_ray()
+        for process in orphans:  # already reaped by stop_ray (psutil), else a TimeoutExpired
+            process.wait(timeout=1)
+        assert bystander.poll() is None
+        assert not folder.exists()
+    finally:
+        for process in [*orphans, bystander]:
+            process.kill()
+            process.wait()
 
 
 def test_a_controller_that_does_not_answer_bounds_the_deploy_wait(
