@@ -34,11 +34,16 @@ from deployments.tokenizer import PromptTokenizer
 @contextmanager
 def ingress_environment(config: IngressConfig | None = None) -> Iterator[None]:
     """The environment a local Ray started in this block serves HTTP with: HAProxy in front of
-    the routers by default, as `serve` runs it (cluster/ingress.py). Ray's processes read it
-    when they start, so it is only needed around ray.init."""
+    the routers by default, as `serve` runs it (cluster/ingress.py), on free ports and in a
+    folder of its own (stop that Ray with runtime.stop_ray, which removes the folder). Ray's
+    processes read it when they start, so it is only needed around ray.init."""
+    config = config or IngressConfig()
     with pytest.MonkeyPatch.context() as env:
-        for name, value in ingress.ray_env(config or IngressConfig()).items():
+        for name, value in ingress.ray_env(config).items():
             env.setenv(name, value)
+        if config.haproxy:
+            for name, value in runtime.local_haproxy_env().items():
+                env.setenv(name, value)
         yield
 
 

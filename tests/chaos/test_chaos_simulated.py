@@ -10,7 +10,6 @@ from pathlib import Path
 
 import httpx
 import pytest
-import ray
 from ray import serve
 
 from cluster import runtime
@@ -58,7 +57,7 @@ def cluster(embedded_model: Path, metrics_port: int) -> Iterator[str]:
         yield f"http://127.0.0.1:{port}"
     finally:
         serve.shutdown()
-        ray.shutdown()
+        runtime.stop_ray()  # and the HAProxy folder
 
 
 def check_invariants(

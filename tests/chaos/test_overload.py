@@ -12,7 +12,6 @@ from pathlib import Path
 
 import httpx
 import pytest
-import ray
 from ray import serve
 
 from cluster import runtime
@@ -53,7 +52,7 @@ def small_cluster(embedded_model: Path, metrics_port: int) -> Iterator[str]:
         yield f"http://127.0.0.1:{port}"
     finally:
         serve.shutdown()
-        ray.shutdown()
+        runtime.stop_ray()  # and the HAProxy folder
 
 
 async def test_burst_beyond_the_queue_is_503_never_a_hang(
