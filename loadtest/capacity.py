@@ -31,6 +31,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+from cluster.cli import EXIT_INTERRUPTED
 from loadtest.argtypes import finite_positive_float, positive_int
 from loadtest.compare import SIM_PREFIX, target_command
 from loadtest.metrics import completed, window_ttft_p95
@@ -224,6 +225,8 @@ def run_probe(args: argparse.Namespace, shared: list[str], rate: float, seed: in
     argv += ["--slo-ttft-ms", f"{args.slo_ttft_ms:g}", "--seed", str(seed), *shared]
     with (out / "run.log").open("w") as log, contextlib.redirect_stdout(log):
         code = loadtest_main(argv)
+    if code == EXIT_INTERRUPTED:  # Ctrl-C: its partial run is no probe
+        raise KeyboardInterrupt
     lines = (out / "requests.jsonl").read_text().splitlines() if code in (0, 1) else []
     if not lines:
         raise ProbeError(f"the run at {rate:g}/s wrote no requests (exit {code}): see {out}/")
@@ -273,6 +276,10 @@ def handle(args: argparse.Namespace) -> int:
     except ProbeError as exc:
         print(f"loadtest capacity: error: {exc}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        done = ", ".join(f"{p.rate:g}/s" for p in probes) or "none"
+        print(f"loadtest capacity: interrupted; probes done: {done} (in {args.out}/)")
+        return EXIT_INTERRUPTED
     result: dict[str, Any] = {
         "target": args.target,
         "replicas": args.replicas,

@@ -120,6 +120,9 @@ class LoadClient:
         self.timeout_s = timeout_s
         self.t0 = t0
         self.records: list[RequestRecord] = []
+        # Requests in flight when the run was interrupted (Ctrl-C): dropped from `records`, whose
+        # numbers cover only requests that ended.
+        self.cut = 0
 
     def now(self) -> float:
         return time.perf_counter() - self.t0
@@ -212,6 +215,10 @@ class LoadClient:
                             raise ValueError(f"malformed stream event: {event[:100]}") from exc
         except TimeoutError:
             stream.error = f"timed out after {self.timeout_s:g} s"
+        except asyncio.CancelledError:
+            self.records.remove(record)
+            self.cut += 1
+            raise
         except (httpx.HTTPError, ValueError) as exc:  # ValueError: a malformed event
             stream.error = f"{type(exc).__name__}: {exc}"[:MAX_ERROR_CHARS]
         record.end_s = self.now()
@@ -282,9 +289,15 @@ class _Runner:
             if at >= self.deadline_s:
                 self.not_sent += sum(len(s.turns) for s in sessions[i:])
                 break
-            await asyncio.sleep(at - self.client.now())
+            try:
+                await asyncio.sleep(at - self.client.now())
+            except asyncio.CancelledError:  # interrupted between arrivals: end the sent ones
+                for task in tasks:
+                    task.cancel()
+                await asyncio.gather(*tasks, return_exceptions=True)
+                raise
             tasks.append(asyncio.create_task(self.session(session, at)))
-        await asyncio.gather(*tasks)
+        await asyncio.gather(*tasks)  # cancelled, it cancels them all and waits for them
 
     async def closed_loop(self, sessions: Sequence[Session], users: int) -> None:
         queue = iter(sessions)
@@ -304,6 +317,8 @@ class LoadRun(NamedTuple):
     records: list[RequestRecord]  # in send order
     duration_s: float  # from the start until the last request ended, as vLLM measures it
     not_sent: int  # requests of the workload never sent (see _Runner.not_sent)
+    # Requests in flight when the run was interrupted, not in `records`; None: not interrupted.
+    cut_by_interrupt: int | None = None
 
 
 async def run_load(
@@ -326,6 +341,9 @@ async def run_load(
 
     `duration_s` stops new requests after that many seconds (running ones finish, each within
     `timeout_s`); `seed` seeds the arrival times; `transport` replaces the network (tests).
+
+    Cancelled (Ctrl-C: asyncio.run cancels its task), it returns what ended by then: the
+    requests in flight are cut and counted, the rest count as not sent.
     """
     if tokenizer is None and any(len(s.turns) > 1 for s in sessions):
         raise ValueError("multi-turn sessions need a tokenizer: the answers join the history")
@@ -359,6 +377,10 @@ async def run_load(
                 await runner.closed_loop(scheduled, plan.max_concurrency or 1)
             else:
                 await runner.open_loop(scheduled, times)
+        except asyncio.CancelledError:
+            total = sum(len(s.turns) for s in scheduled)
+            not_sent = total - len(client.records) - client.cut
+            return LoadRun(client.records, client.now(), not_sent, cut_by_interrupt=client.cut)
         finally:
             bar.close()
-        return LoadRun(client.records, time.perf_counter() - t0, runner.not_sent)
+        return LoadRun(client.records, client.now(), runner.not_sent)

@@ -31,6 +31,7 @@ _SCALARS = (
     ("arrivals", "arrivals", "{}"),
     ("num_requests", "requests sent", "{}"),
     ("not_sent", "requests not sent (after a failed turn, or past --duration-s)", "{}"),
+    ("cut_by_interrupt", "requests cut in flight by Ctrl-C (not counted below)", "{}"),
     ("completed", "completed", "{}"),
     ("failed", "failed", "{}"),
     ("errors_by_status", "errors by status", "{}"),

@@ -22,6 +22,7 @@ from typing import Any
 
 import httpx
 
+from cluster.cli import EXIT_INTERRUPTED
 from cluster.embedded_model import ensure_embedded_model
 from deployments.tokenizer import PromptTokenizer
 from loadtest.arrivals import add_arrival_arguments, build_arrivals
@@ -130,7 +131,8 @@ def handle(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
         print(f"loadtest run: cannot list models at {args.base_url}: {exc}", file=sys.stderr)
         return 2
     endpoint: Endpoint = args.endpoint
-    records, duration_s, not_sent = asyncio.run(
+    # Ctrl-C ends the run early (asyncio.run cancels it): the requests that ended are reported.
+    run = asyncio.run(
         run_load(
             args.base_url,
             model,
@@ -151,11 +153,20 @@ def handle(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
         "workload": f"{args.workload}: {len(sessions)} sessions, "
         f"{sum(len(s.turns) for s in sessions)} requests, seed {args.seed}",
         "arrivals": plan.describe(),
-        **summarize(records, duration_s, args.slo_ttft_ms, args.slo_tpot_ms),
-        "not_sent": not_sent,
+        **summarize(run.records, run.duration_s, args.slo_ttft_ms, args.slo_tpot_ms),
+        "not_sent": run.not_sent,
     }
+    if run.cut_by_interrupt is not None:
+        summary["cut_by_interrupt"] = run.cut_by_interrupt
     out = args.out or Path("loadtest-runs") / time.strftime("%Y%m%d-%H%M%S")
-    write_report(out, summary, records)
+    write_report(out, summary, run.records)
     print(summary_table(summary))
     print(f"\nwrote {out}/ (summary.json, requests.jsonl, report.md, plots)")
+    if run.cut_by_interrupt is not None:
+        print(
+            f"interrupted: the report has the {len(run.records)} requests that ended; "
+            f"{run.cut_by_interrupt} in flight were cut, {run.not_sent} not sent",
+            file=sys.stderr,
+        )
+        return EXIT_INTERRUPTED
     return 0 if summary["completed"] else 1

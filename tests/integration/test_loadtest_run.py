@@ -6,6 +6,9 @@ from __future__ import annotations
 import asyncio
 import json
 import math
+import os
+import signal
+import threading
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
@@ -54,7 +57,7 @@ def run(
     plan: ArrivalPlan | None = None,
     **options: Any,
 ) -> list[RequestRecord]:
-    records, duration, _ = asyncio.run(
+    result = asyncio.run(
         run_load(
             "http://test",
             "sim",
@@ -65,8 +68,8 @@ def run(
             **options,
         )
     )
-    assert duration > 0
-    return records
+    assert result.duration_s > 0 and result.cut_by_interrupt is None
+    return result.records
 
 
 def one_turn(i: int, ids: tuple[int, ...] = (5, 6, 7), max_tokens: int = 3) -> Session:
@@ -288,6 +291,46 @@ def test_duration_cap_stops_new_requests() -> None:
     assert result.not_sent == 50 - len(result.records)
 
 
+def interrupt_after(seconds: float) -> threading.Timer:
+    """A Ctrl-C to this process after `seconds`: asyncio.run turns the first into a
+    cancellation of its task, as in a terminal."""
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+    timer = threading.Timer(seconds, os.kill, (os.getpid(), signal.SIGINT))
+    timer.start()
+    return timer
+
+
+@pytest.mark.parametrize(
+    "plan", [ArrivalPlan("constant", rate=20.0), ArrivalPlan("closed", max_concurrency=4)]
+)
+def test_ctrl_c_keeps_the_requests_that_ended_and_counts_the_cut_ones(plan: ArrivalPlan) -> None:
+    """Ctrl-C returns the run so far (it raised KeyboardInterrupt and the report was lost): the
+    requests that ended, those in flight cut and counted, the rest not sent."""
+    answered = 0
+
+    async def handler(request: httpx.Request) -> httpx.Response:
+        nonlocal answered
+        if answered == 3:  # the fourth and later requests hang until cut
+            await asyncio.sleep(60)
+        answered += 1
+        return httpx.Response(200, content=completion_stream(["a"], 3))
+
+    sessions = [one_turn(i) for i in range(40)]
+    interrupt_after(1.0)
+    transport = httpx.MockTransport(handler)
+    result = asyncio.run(
+        run_load("http://test", "sim", sessions, plan, progress=False, transport=transport)
+    )
+    assert len(result.records) == 3 and all(r.ok for r in result.records)
+    # Closed loop: each of the 4 users holds one hanging request; open loop: about 17 were sent
+    # after the first 3 by the time of the Ctrl-C.
+    if plan.kind == "closed":
+        assert result.cut_by_interrupt == 4
+    else:
+        assert result.cut_by_interrupt and result.cut_by_interrupt >= 10
+    assert len(result.records) + result.cut_by_interrupt + result.not_sent == 40
+
+
 def test_report_writes_json_plots_and_series(tmp_path: Path) -> None:
     records = [
         RequestRecord(0, "a", 0, 0.0, 0.0, 0.5, 200, 10, 3, 4, [0.1, 0.2, 0.4]),
@@ -355,6 +398,25 @@ def test_loadtest_run_against_the_simulated_app(simulated_app: str, tmp_path: Pa
     records = [RequestRecord(**json.loads(line)) for line in lines]
     assert len(records) == 16 and all(r.ok and r.token_times_s[0] > r.start_s for r in records)
     assert "--rate 8.0" in (out / "report.md").read_text()
+
+
+@pytest.mark.integration
+def test_loadtest_run_interrupted_writes_its_report(simulated_app: str, tmp_path: Path) -> None:
+    """Ctrl-C two seconds into an eight-second run: exit 130 and a report of what ended (the
+    module's teardown checks that the cut streams left nothing in the replicas or routers)."""
+    from loadtest.cli import main
+
+    out = tmp_path / "run"
+    argv = ["run", "--base-url", simulated_app, "--workload=random", "--input-len=64"]
+    argv += ["--output-len=64", "--num-requests=64", "--rate=8", "--no-progress", "--out", str(out)]
+    interrupt_after(2.0)
+    assert main(argv) == 130
+    summary = json.loads((out / "summary.json").read_text())
+    records = (out / "requests.jsonl").read_text().splitlines()
+    assert summary["completed"] == len(records) > 0 and summary["failed"] == 0
+    assert summary["cut_by_interrupt"] + summary["not_sent"] + len(records) == 64
+    assert summary["not_sent"] > 0
+    assert "cut in flight by Ctrl-C" in (out / "report.md").read_text()
 
 
 @pytest.mark.integration

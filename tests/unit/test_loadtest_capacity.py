@@ -157,3 +157,23 @@ def test_an_unreachable_target_exits_2(tmp_path: Path, capsys: pytest.CaptureFix
     code, result = capacity(tmp_path, "--target=http://127.0.0.1:9", "--hold-s=1")
     assert code == 2 and not result
     assert "wrote no requests (exit 2)" in capsys.readouterr().err
+
+
+def test_ctrl_c_during_a_probe_ends_the_search(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture
+) -> None:
+    """A probe's `loadtest run` interrupted (exit 130, a partial report) is no probe: the search
+    stops there, says which probes ended, and exits 130 (it read the partial run's exit code as
+    "wrote no requests", exit 2)."""
+    import loadtest.cli
+
+    runs: list[list[str]] = []
+
+    def interrupted_run(argv: list[str]) -> int:
+        runs.append(argv)
+        return 130
+
+    monkeypatch.setattr(loadtest.cli, "main", interrupted_run)
+    code, result = capacity(tmp_path, "--target=http://127.0.0.1:9", "--hold-s=1")
+    assert code == 130 and not result and len(runs) == 1
+    assert "loadtest capacity: interrupted; probes done: none" in capsys.readouterr().out
