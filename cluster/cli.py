@@ -22,6 +22,7 @@ EXIT_RAY_STOPPED = 1  # Ray's processes stopped under `serve`: in-flight request
 # Ray's processes share `serve`'s process group, and a signal sent to the whole group stops them
 # at once. A terminal's Ctrl-C is harmless (they ignore SIGINT), systemd's SIGTERM is not.
 RAY_STOPPED_HINT = "a SIGTERM to the whole process group? under systemd, set KillMode=mixed"
+RAY_CHECK_INTERVAL_S = 5.0  # how often a serving `serve` checks that its local Ray still runs
 STATUS_DECISIONS = 5  # the autoscaler's most recent decisions shown per deployment
 
 
@@ -160,6 +161,7 @@ def _serve(args: argparse.Namespace) -> int:
             stop=stop,
         )
         if not deployed:  # Ctrl-C or SIGTERM while replicas were starting: nothing to drain
+            runtime.check_ray_alive()  # unless the signal went to Ray's processes too
             print("stopping before the deployment was ready...", flush=True)
             return 0
         if config.ray.address is not None:
@@ -181,7 +183,8 @@ def _serve(args: argparse.Namespace) -> int:
             "Ctrl-C stops the cluster.",
             flush=True,
         )
-        stop.wait()
+        while not stop.wait(RAY_CHECK_INTERVAL_S):
+            runtime.check_ray_alive()  # Ray stopped under us (OOM killer, `ray stop`): say so
         # Serve's shutdown stops the HTTP proxies at once, cutting every open stream: let the
         # in-flight requests finish first, taking no new ones (a second Ctrl-C still stops at
         # once).
@@ -201,7 +204,7 @@ def _serve(args: argparse.Namespace) -> int:
         print("stopping at once (a second signal)...", file=sys.stderr, flush=True)
         return EXIT_INTERRUPTED
     except runtime.RayStopped as exc:  # the replicas went with Ray: their requests were cut
-        print(f"error: {exc} during the drain ({RAY_STOPPED_HINT})", file=sys.stderr)
+        print(f"error: {exc}; requests in flight were lost ({RAY_STOPPED_HINT})", file=sys.stderr)
         return EXIT_RAY_STOPPED
     finally:
         _stop(joined=config.ray.address is not None)
@@ -214,15 +217,19 @@ def _stop(*, joined: bool) -> None:
     from cluster import runtime
 
     try:
-        if not runtime.stop_app(joined=joined):
-            print("Ray had stopped: nothing to shut down", file=sys.stderr, flush=True)
+        runtime.stop_app(joined=joined)
     except KeyboardInterrupt:
+        _ignore_signals()  # at once: a third signal must not escape either
         left = "the app may still be on the cluster" if joined else "Ray's stop ends the replicas"
         print(f"stopping at once (a second signal): {left}...", file=sys.stderr, flush=True)
     finally:
-        for signum in (signal.SIGINT, signal.SIGTERM):
-            signal.signal(signum, signal.SIG_IGN)
+        _ignore_signals()
         runtime.stop_ray()  # a local Ray started here ends with us: no leftover processes
+
+
+def _ignore_signals() -> None:
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(signum, signal.SIG_IGN)
 
 
 def _http_options(http: HTTPConfig, *, host: str | None, port: int | None) -> HTTPConfig:

@@ -40,9 +40,16 @@ from deployments.router import DRAIN_KEY, DRAIN_POLL_S
 APP_NAME = "inference-cluster"
 # How long a status call waits for a replica.
 STATUS_TIMEOUT_S = 5.0
+# How long the local Ray's GCS may stay silent before `serve` takes Ray for stopped: long enough
+# for a stall on a loaded machine, short enough to stop cleanly before Ray's core worker ends the
+# process 60 s after it lost the GCS.
+GCS_LOST_AFTER_S = 20.0
 # A local Ray's HAProxy folder, /tmp/haproxy-XXXXXXXX (see local_haproxy_env).
 HAPROXY_FOLDER_PREFIX = "haproxy-"
 _haproxy_folder: Path | None = None
+# The local Ray that start_ray started: "running", or "lost" once its GCS stopped answering.
+# None: no local Ray (none started, or a joined cluster, which is not ours to watch).
+_local_ray: str | None = None
 
 
 class DeployError(RuntimeError):
@@ -60,6 +67,7 @@ def start_ray(config: ClusterConfig) -> None:
     environment, which its processes inherit; a joined cluster's nodes must have been started
     with them (the KubeRay manifests set them on every pod).
     """
+    global _local_ray
     if config.ray.address is not None:
         ray.init(address=config.ray.address, logging_level=logging.WARNING)
         return
@@ -78,6 +86,7 @@ def start_ray(config: ClusterConfig) -> None:
         dashboard_host="127.0.0.1",
         logging_level=logging.WARNING,
     )
+    _local_ray = "running"
 
 
 def local_haproxy_env() -> dict[str, str]:
@@ -116,8 +125,9 @@ def free_port() -> int:
 
 def stop_ray() -> None:
     """Disconnect from Ray: a local Ray (start_ray) stops, and its HAProxy goes with its folder."""
-    global _haproxy_folder
+    global _haproxy_folder, _local_ray
     ray.shutdown()
+    _local_ray = None
     if _haproxy_folder is not None:
         _stop_orphaned_haproxy(_haproxy_folder)
         shutil.rmtree(_haproxy_folder, ignore_errors=True)
@@ -130,9 +140,13 @@ def _stop_orphaned_haproxy(folder: Path) -> None:
     took (a SIGTERM to the whole process group, as systemd sends by default): it kept serving
     --port and refused the next `serve`. None is left after a clean stop."""
     orphans = []
-    for process in psutil.process_iter(["cmdline"]):
+    for process in psutil.process_iter(["name", "cmdline"]):
         with contextlib.suppress(psutil.Error):
-            if any(str(folder) in arg for arg in process.info["cmdline"] or ()):
+            args = process.info["cmdline"] or ()
+            # HAProxy itself, not e.g. an operator's `tail -f` of a log in the folder.
+            if process.info["name"] == "haproxy" and any(
+                Path(arg).is_relative_to(folder) for arg in args
+            ):
                 process.terminate()
                 orphans.append(process)
     _, alive = psutil.wait_procs(orphans, timeout=5)
@@ -141,21 +155,39 @@ def _stop_orphaned_haproxy(folder: Path) -> None:
             process.kill()
 
 
-def check_ray_alive(timeout_s: float = STATUS_TIMEOUT_S) -> None:
-    """RayStopped when Ray's GCS does not answer within timeout_s. The driver's other calls
-    (listing actors, Serve's shutdown) wait for a lost GCS until Ray's 60 s reconnect deadline,
-    and then Ray ends the process (exit 1): `serve` checks first, once per step of its stop."""
+def check_ray_alive() -> None:
+    """RayStopped once the local Ray's GCS has not answered for GCS_LOST_AFTER_S (asked with
+    bounded calls; returns at once while it answers).
+
+    A SIGTERM to `serve`'s whole process group (systemd's default) reaches Ray's processes too,
+    and the GCS stops answering. The driver's other Ray calls (listing actors, setting a flag,
+    Serve's shutdown) would then wait until Ray's core worker ends the process with exit 1, 60 s
+    later, before `serve` could stop HAProxy. Only the local Ray is watched: a joined cluster's
+    processes are not ours, a slow GCS there is not a stopped one, and Ray Client has no GCS
+    client."""
+    global _local_ray
+    if _local_ray == "lost":
+        raise RayStopped("Ray's GCS stopped answering")
+    if _local_ray is None:
+        return
     gcs = internal_kv.internal_kv_get_gcs_client()
-    try:
-        gcs.internal_kv_get(DRAIN_KEY.encode(), KV_NAMESPACE.encode(), timeout=timeout_s)
-    except ray.exceptions.RpcError:
-        raise RayStopped(
-            f"Ray's GCS did not answer within {timeout_s:g} s: Ray's processes have stopped"
-        ) from None
+    deadline = time.monotonic() + GCS_LOST_AFTER_S
+    while True:
+        try:
+            gcs.internal_kv_get(DRAIN_KEY.encode(), KV_NAMESPACE.encode(), timeout=STATUS_TIMEOUT_S)
+            return
+        except ray.exceptions.RpcError:
+            if time.monotonic() >= deadline:
+                _local_ray = "lost"
+                raise RayStopped(
+                    f"Ray's GCS did not answer for {GCS_LOST_AFTER_S:g} s: Ray's processes "
+                    "have stopped"
+                ) from None
+            time.sleep(1.0)  # a GCS that is gone may refuse at once
 
 
-def stop_app(joined: bool) -> bool:
-    """Take down what `serve` deployed, False when Ray stopped first (nothing left to stop).
+def stop_app(joined: bool) -> None:
+    """Take down what `serve` deployed, unless Ray stopped first (check_ray_alive).
 
     On the local Ray, Serve itself shuts down (each replica's __del__ stops its engine). On a
     cluster joined with --address only this app goes: Serve, its proxies and the other apps
@@ -163,12 +195,11 @@ def stop_app(joined: bool) -> bool:
     try:
         check_ray_alive()
     except RayStopped:
-        return False
+        return  # said where it was found; stop_ray ends what is left of the local Ray
     if joined:
         serve.delete(APP_NAME)
     else:
         serve.shutdown()
-    return True
 
 
 def alive_node_resources() -> list[dict[str, float]]:

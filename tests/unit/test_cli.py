@@ -20,9 +20,8 @@ import pytest
 import ray
 import yaml
 
-from cluster import k8s_render, runtime
+from cluster import cli, k8s_render, runtime
 from cluster.cli import EXIT_CONFIG, main
-from cluster.config import HTTPConfig
 from deployments.llm_server import LLMServer
 
 MODEL = {
@@ -192,70 +191,115 @@ def test_serve_on_a_joined_cluster_deletes_only_its_app(
 
 
 def test_the_ready_banner_on_a_joined_cluster_gives_its_running_serves_port(
-    monkeypatch: pytest.MonkeyPatch,
-) -> None:
-    """serve.start() applies no http_options to a Serve already running on a joined cluster: the
-    banner must give the port its proxies listen on, not --port."""
-    requested = HTTPConfig(host="127.0.0.1", port=8000)
-    running = types.SimpleNamespace(http_options=types.SimpleNamespace(host="0.0.0.0", port=28700))
-    monkeypatch.setattr(runtime, "_serve_instance", lambda timeout_s: running)
-    assert runtime.ingress_options(requested) == HTTPConfig(host="0.0.0.0", port=28700)
-    monkeypatch.setattr(runtime, "_serve_instance", lambda timeout_s: None)
-    assert runtime.ingress_options(requested) == requested
-
-
-def test_ray_stopped_under_the_drain_ends_serve_without_waiting_for_it(
     tmp_path: Path,
     monkeypatch: pytest.MonkeyPatch,
     signal_handlers: None,
     capsys: pytest.CaptureFixture[str],
 ) -> None:
-    """A SIGTERM to the whole process group stops Ray's processes with `serve`: the drain says
-    so and exits 1, and Serve's shutdown, which would wait 60 s for the lost GCS until Ray ends
-    the process, is skipped."""
-    shut_down = fake_serve(monkeypatch, app_status="RUNNING")
+    """serve.start() applies no http_options to a Serve already running on a joined cluster: the
+    banner gives the port its proxies listen on, not --port."""
+    fake_serve(monkeypatch, app_status="RUNNING")
+    monkeypatch.setattr(runtime, "start_draining", lambda: None)
+    monkeypatch.setattr(runtime, "drain", lambda timeout_s: 0)
+    running = types.SimpleNamespace(http_options=types.SimpleNamespace(host="0.0.0.0", port=28700))
+    monkeypatch.setattr(runtime, "_serve_instance", lambda timeout_s: running)
+    argv = ["serve", "--config", str(write_config(tmp_path)), "--address", "10.0.0.1:6379"]
+    assert main([*argv, "--port", "8123"]) == 0
+    out = capsys.readouterr().out
+    assert "note: Serve already ran on this cluster, listening on 0.0.0.0:28700" in out
+    assert "ready in" in out and "http://127.0.0.1:28700/v1" in out and ":8123" not in out
 
-    def gcs_gone() -> None:
-        raise runtime.RayStopped("Ray's GCS did not answer within 5 s")
 
-    monkeypatch.setattr(runtime, "check_ray_alive", gcs_gone)
+def ray_lost() -> None:
+    raise runtime.RayStopped("Ray's GCS did not answer for 20 s")
+
+
+@pytest.mark.parametrize("phase", ["deploy wait", "serving", "drain"])
+def test_ray_stopped_under_serve_ends_it_with_exit_1_and_a_hint(
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    signal_handlers: None,
+    capsys: pytest.CaptureFixture[str],
+    phase: str,
+) -> None:
+    """Ray's processes stopped under `serve` (a SIGTERM to its whole process group, the OOM
+    killer): it says so and exits 1, skipping Serve's shutdown, which would wait for the lost GCS
+    until Ray's core worker ended the process 60 s later, before HAProxy was stopped."""
+    shut_down = fake_serve(
+        monkeypatch, app_status="DEPLOYING" if phase == "deploy wait" else "RUNNING"
+    )
+    monkeypatch.setattr(cli, "RAY_CHECK_INTERVAL_S", 0.01)
+    if phase == "serving":  # no signal: `serve` finds out by itself while it serves
+        monkeypatch.setattr(runtime.serve, "_run", lambda *a, **k: None)
+    monkeypatch.setattr(runtime, "check_ray_alive", ray_lost)
     port = str(runtime.free_port())
     assert main(["serve", "--config", str(write_config(tmp_path)), "--port", port]) == 1
     assert shut_down == ["ray"]
     err = capsys.readouterr().err
-    assert "did not answer within 5 s during the drain" in err
+    assert "did not answer for 20 s; requests in flight were lost" in err
     assert "KillMode=mixed" in err
 
 
-def test_check_ray_alive_turns_a_lost_gcs_into_ray_stopped(
-    monkeypatch: pytest.MonkeyPatch,
-) -> None:
-    timeouts: list[float] = []
+class LostGcs:
+    def __init__(self, answers_after: int | None = None) -> None:
+        self.calls = 0
+        self.answers_after = answers_after
 
-    class LostGcs:
-        def internal_kv_get(self, key: bytes, namespace: bytes, timeout: float) -> None:
-            timeouts.append(timeout)
+    def internal_kv_get(self, key: bytes, namespace: bytes, timeout: float) -> None:
+        self.calls += 1
+        assert timeout == runtime.STATUS_TIMEOUT_S
+        if self.answers_after is None or self.calls <= self.answers_after:
             raise ray.exceptions.RpcError("Timed out while waiting for GCS to become available.")
 
-    monkeypatch.setattr(runtime.internal_kv, "internal_kv_get_gcs_client", LostGcs)
-    with pytest.raises(runtime.RayStopped, match="did not answer within 2 s"):
-        runtime.check_ray_alive(2.0)
-    assert timeouts == [2.0]
+
+def test_check_ray_alive_takes_the_local_ray_for_stopped_after_a_silent_window(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    gcs = LostGcs(answers_after=2)
+    monkeypatch.setattr(runtime.internal_kv, "internal_kv_get_gcs_client", lambda: gcs)
+    monkeypatch.setattr(runtime.time, "sleep", lambda s: None)
+    monkeypatch.setattr(runtime, "_local_ray", "running")
+    runtime.check_ray_alive()  # a stall shorter than GCS_LOST_AFTER_S is not a stop
+    assert gcs.calls == 3
+
+    gcs = LostGcs()
+    monkeypatch.setattr(runtime, "GCS_LOST_AFTER_S", 0.0)
+    with pytest.raises(runtime.RayStopped, match="did not answer for 0 s"):
+        runtime.check_ray_alive()
+    with pytest.raises(runtime.RayStopped):  # once lost, lost: no more 20 s waits
+        runtime.check_ray_alive()
+    assert gcs.calls == 1
+
+
+def test_check_ray_alive_leaves_a_joined_cluster_alone(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A joined cluster's GCS is not ours: a slow one is not a stopped one (and Ray Client has
+    no GCS client at all)."""
+    monkeypatch.setattr(runtime.internal_kv, "internal_kv_get_gcs_client", lambda: None)
+    monkeypatch.setattr(runtime, "_local_ray", None)
+    runtime.check_ray_alive()
 
 
 def test_stop_ray_stops_a_haproxy_left_running_from_its_folder(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """The HAProxy of a Ray that stopped under `serve` kept serving its port: stop_ray ends every
-    process started from the run's HAProxy folder (one that ignores SIGTERM too), and no other."""
+    """The HAProxy of a Ray that stopped under `serve` kept serving its port: stop_ray ends the
+    HAProxy processes started from the run's folder (one that ignores SIGTERM too), and no
+    other process: not another run's HAProxy, nor a `tail -f` of a log in the folder."""
     folder = tmp_path / "haproxy-run"
     folder.mkdir()
-    ignores_sigterm = "import signal, time; signal.signal(signal.SIGTERM, signal.SIG_IGN); "
+    haproxy = tmp_path / "bin" / "haproxy"  # a process named haproxy
+    haproxy.parent.mkdir()
+    haproxy.symlink_to(sys.executable)
+    sleep = "import time; time.sleep(60)"
+    ignores_sigterm = "import signal; signal.signal(signal.SIGTERM, signal.SIG_IGN); " + sleep
     orphans = [
-        subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)", f"{folder}/a.cfg"]),
-        subprocess.Popen([sys.executable, "-c", ignores_sigterm + "time.sleep(60)", str(folder)]),
+        subprocess.Popen([haproxy, "-c", sleep, "-f", f"{folder}/node/haproxy.cfg"]),
+        subprocess.Popen([haproxy, "-c", ignores_sigterm, str(folder)]),
     ]
-    bystander = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    bystanders = [
+        subprocess.Popen([haproxy, "-c", sleep, "-f", f"{folder}def/node/haproxy.cfg"]),
+        subprocess.Popen([sys.executable, "-c", sleep, f"{folder}/admin.sock.1.stdout.log"]),
+    ]
     monkeypatch.setattr(runtime.ray, "shutdown", lambda: None)
     monkeypatch.setattr(runtime, "_haproxy_folder", folder)
     time.sleep(0.5)  # the second one has set its handler
@@ -263,10 +307,10 @@ def test_stop_ray_stops_a_haproxy_left_running_from_its_folder(
         runtime.stop_ray()
         for process in orphans:  # already reaped by stop_ray (psutil), else a TimeoutExpired
             process.wait(timeout=1)
-        assert bystander.poll() is None
+        assert [process.poll() for process in bystanders] == [None, None]
         assert not folder.exists()
     finally:
-        for process in [*orphans, bystander]:
+        for process in [*orphans, *bystanders]:
             process.kill()
             process.wait()
 
