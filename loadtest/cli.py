@@ -6,6 +6,7 @@ import argparse
 import os
 import sys
 
+from cluster.cli import EXIT_INTERRUPTED
 from loadtest import capacity, compare, run, simulate
 
 
@@ -40,7 +41,11 @@ def reference() -> str:
 def main(argv: list[str] | None = None) -> int:
     parser, _ = build_parser()
     args = parser.parse_args(argv)
-    return int(args.handler(args))
+    try:
+        return int(args.handler(args))
+    except KeyboardInterrupt:  # Ctrl-C where no partial result is kept (`run`'s load keeps one)
+        print(f"loadtest {args.command}: interrupted", file=sys.stderr)
+        return EXIT_INTERRUPTED
 
 
 if __name__ == "__main__":

@@ -284,20 +284,18 @@ class _Runner:
         return result
 
     async def open_loop(self, sessions: Sequence[Session], times: Sequence[float]) -> None:
-        tasks = []
-        for i, (session, at) in enumerate(zip(sessions, times, strict=False)):
-            if at >= self.deadline_s:
-                self.not_sent += sum(len(s.turns) for s in sessions[i:])
-                break
-            try:
+        tasks: list[asyncio.Task[None]] = []
+        try:
+            for i, (session, at) in enumerate(zip(sessions, times, strict=False)):
+                if at >= self.deadline_s:
+                    self.not_sent += sum(len(s.turns) for s in sessions[i:])
+                    break
                 await asyncio.sleep(at - self.client.now())
-            except asyncio.CancelledError:  # interrupted between arrivals: end the sent ones
-                for task in tasks:
-                    task.cancel()
-                await asyncio.gather(*tasks, return_exceptions=True)
-                raise
-            tasks.append(asyncio.create_task(self.session(session, at)))
-        await asyncio.gather(*tasks)  # cancelled, it cancels them all and waits for them
+                tasks.append(asyncio.create_task(self.session(session, at)))
+            await asyncio.gather(*tasks)
+        except asyncio.CancelledError:
+            await _cancel_and_wait(tasks)
+            raise
 
     async def closed_loop(self, sessions: Sequence[Session], users: int) -> None:
         queue = iter(sessions)
@@ -309,8 +307,21 @@ class _Runner:
                     return
                 await self.session(session, self.client.now())
 
-        await asyncio.gather(*(user() for _ in range(users)))
+        tasks = [asyncio.create_task(user()) for _ in range(users)]
+        try:
+            await asyncio.gather(*tasks)
+        except asyncio.CancelledError:
+            await _cancel_and_wait(tasks)
+            raise
         self.not_sent += sum(len(s.turns) for s in queue)  # those no user took
+
+
+async def _cancel_and_wait(tasks: Sequence[asyncio.Task[None]]) -> None:
+    """Cancel the run's tasks and wait until each has ended: a gather cancelled with them returns
+    as soon as one has ended, before the others have dropped their records (LoadClient.send)."""
+    for task in tasks:
+        task.cancel()
+    await asyncio.gather(*tasks, return_exceptions=True)
 
 
 class LoadRun(NamedTuple):

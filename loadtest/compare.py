@@ -17,6 +17,8 @@ import re
 from pathlib import Path
 from typing import Any
 
+from cluster.cli import EXIT_INTERRUPTED
+
 SIM_PREFIX = "sim:"
 
 # (summary key, sub-key or None, label): the figures a comparison reads first.
@@ -80,6 +82,9 @@ def _compare(args: argparse.Namespace) -> int:
         out = args.out / label
         print(f"== {label}: {target}", flush=True)
         code = loadtest_main([*target_command(target), "--out", str(out), *shared])
+        if code == EXIT_INTERRUPTED:  # a cut run compared with whole ones would mislead
+            print(f"compare: interrupted during {label}; no comparison written")
+            return EXIT_INTERRUPTED
         summary_file = out / "summary.json"
         if not summary_file.exists():
             print(f"compare: {label} produced no summary (exit {code})")

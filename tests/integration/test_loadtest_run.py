@@ -331,6 +331,40 @@ def test_ctrl_c_keeps_the_requests_that_ended_and_counts_the_cut_ones(plan: Arri
     assert len(result.records) + result.cut_by_interrupt + result.not_sent == 40
 
 
+def test_ctrl_c_amid_think_times_and_streams_accounts_for_every_turn(embedded_model: Path) -> None:
+    """Multi-turn: at the Ctrl-C some sessions stream their second turn and others wait out a
+    think time. Every turn is a record, a cut request or not sent (the cancelled gather returned
+    as soon as a thinking session ended, before the streaming ones dropped their records)."""
+    tokenizer = PromptTokenizer(str(embedded_model))
+
+    async def handler(request: httpx.Request) -> httpx.Response:
+        if len(json.loads(request.content)["prompt"]) > 2:  # a later turn hangs until cut
+            try:
+                await asyncio.sleep(60)
+            finally:  # and takes a while to end, as closing a real connection does
+                await asyncio.sleep(0.1)
+        return httpx.Response(200, content=completion_stream(["a"], 2))
+
+    turns = (Turn((10, 11), 1), Turn((12,), 1), Turn((13,), 1))
+    # Second turns start at about 0, 0.5, 1.0, 1.5, ... s: at 1.25 s three stream, five think.
+    sessions = [Session(f"s{i}", turns, think_time_s=0.5 * i) for i in range(8)]
+    interrupt_after(1.25)
+    result = asyncio.run(
+        run_load(
+            "http://test",
+            "sim",
+            sessions,
+            ArrivalPlan("constant", rate=1000.0),
+            tokenizer=tokenizer,
+            progress=False,
+            transport=httpx.MockTransport(handler),
+        )
+    )
+    assert len(result.records) == 8 and all(r.turn == 0 and r.ok for r in result.records)
+    assert result.cut_by_interrupt is not None and 1 <= result.cut_by_interrupt <= 5
+    assert len(result.records) + result.cut_by_interrupt + result.not_sent == 24
+
+
 def test_report_writes_json_plots_and_series(tmp_path: Path) -> None:
     records = [
         RequestRecord(0, "a", 0, 0.0, 0.0, 0.5, 200, 10, 3, 4, [0.1, 0.2, 0.4]),
