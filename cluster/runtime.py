@@ -19,7 +19,7 @@ import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import psutil
 import ray
@@ -49,7 +49,7 @@ HAPROXY_FOLDER_PREFIX = "haproxy-"
 _haproxy_folder: Path | None = None
 # The local Ray that start_ray started: "running", or "lost" once its GCS stopped answering.
 # None: no local Ray (none started, or a joined cluster, which is not ours to watch).
-_local_ray: str | None = None
+_local_ray: Literal["running", "lost"] | None = None
 
 
 class DeployError(RuntimeError):
