@@ -9,7 +9,7 @@ import math
 import os
 import signal
 import threading
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -291,19 +291,31 @@ def test_duration_cap_stops_new_requests() -> None:
     assert result.not_sent == 50 - len(result.records)
 
 
-def interrupt_after(seconds: float) -> threading.Timer:
-    """A Ctrl-C to this process after `seconds`: asyncio.run turns the first into a
-    cancellation of its task, as in a terminal."""
-    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
-    timer = threading.Timer(seconds, os.kill, (os.getpid(), signal.SIGINT))
-    timer.start()
-    return timer
+@pytest.fixture
+def interrupt_after() -> Iterator[Callable[[float], None]]:
+    """interrupt_after(seconds): a Ctrl-C to this process then, met as in a terminal: by Python's
+    default SIGINT handler, which asyncio.run turns into a cancellation of its task. (A library an
+    earlier test ran in this process, such as vLLM's engine, may have left its own handler.) A
+    Ctrl-C still pending when the test ends is called off."""
+    saved = signal.signal(signal.SIGINT, signal.default_int_handler)
+    timers: list[threading.Timer] = []
+
+    def interrupt(seconds: float) -> None:
+        timers.append(threading.Timer(seconds, os.kill, (os.getpid(), signal.SIGINT)))
+        timers[-1].start()
+
+    yield interrupt
+    for timer in timers:
+        timer.cancel()
+    signal.signal(signal.SIGINT, saved)
 
 
 @pytest.mark.parametrize(
     "plan", [ArrivalPlan("constant", rate=20.0), ArrivalPlan("closed", max_concurrency=4)]
 )
-def test_ctrl_c_keeps_the_requests_that_ended_and_counts_the_cut_ones(plan: ArrivalPlan) -> None:
+def test_ctrl_c_keeps_the_requests_that_ended_and_counts_the_cut_ones(
+    plan: ArrivalPlan, interrupt_after: Callable[[float], None]
+) -> None:
     """Ctrl-C returns the run so far (it raised KeyboardInterrupt and the report was lost): the
     requests that ended, those in flight cut and counted, the rest not sent."""
     answered = 0
@@ -331,7 +343,9 @@ def test_ctrl_c_keeps_the_requests_that_ended_and_counts_the_cut_ones(plan: Arri
     assert len(result.records) + result.cut_by_interrupt + result.not_sent == 40
 
 
-def test_ctrl_c_amid_think_times_and_streams_accounts_for_every_turn(embedded_model: Path) -> None:
+def test_ctrl_c_amid_think_times_and_streams_accounts_for_every_turn(
+    embedded_model: Path, interrupt_after: Callable[[float], None]
+) -> None:
     """Multi-turn: at the Ctrl-C some sessions stream their second turn and others wait out a
     think time. Every turn is a record, a cut request or not sent (the cancelled gather returned
     as soon as a thinking session ended, before the streaming ones dropped their records)."""
@@ -435,7 +449,9 @@ def test_loadtest_run_against_the_simulated_app(simulated_app: str, tmp_path: Pa
 
 
 @pytest.mark.integration
-def test_loadtest_run_interrupted_writes_its_report(simulated_app: str, tmp_path: Path) -> None:
+def test_loadtest_run_interrupted_writes_its_report(
+    simulated_app: str, tmp_path: Path, interrupt_after: Callable[[float], None]
+) -> None:
     """Ctrl-C two seconds into an eight-second run: exit 130 and a report of what ended (the
     module's teardown checks that the cut streams left nothing in the replicas or routers)."""
     from loadtest.cli import main
