@@ -50,6 +50,9 @@ _haproxy_folder: Path | None = None
 # The local Ray that start_ray started: "running", or "lost" once its GCS stopped answering.
 # None: no local Ray (none started, or a joined cluster, which is not ours to watch).
 _local_ray: Literal["running", "lost"] | None = None
+# Since when (time.monotonic()) the local Ray's GCS has not answered; None while it answers. Kept
+# across calls, so that a check cut short by a signal does not start the window again.
+_gcs_silent_since: float | None = None
 
 
 class DeployError(RuntimeError):
@@ -125,9 +128,9 @@ def free_port() -> int:
 
 def stop_ray() -> None:
     """Disconnect from Ray: a local Ray (start_ray) stops, and its HAProxy goes with its folder."""
-    global _haproxy_folder, _local_ray
+    global _haproxy_folder, _local_ray, _gcs_silent_since
     ray.shutdown()
-    _local_ray = None
+    _local_ray, _gcs_silent_since = None, None
     if _haproxy_folder is not None:
         _stop_orphaned_haproxy(_haproxy_folder)
         shutil.rmtree(_haproxy_folder, ignore_errors=True)
@@ -165,19 +168,22 @@ def check_ray_alive() -> None:
     later, before `serve` could stop HAProxy. Only the local Ray is watched: a joined cluster's
     processes are not ours, a slow GCS there is not a stopped one, and Ray Client has no GCS
     client."""
-    global _local_ray
+    global _local_ray, _gcs_silent_since
     if _local_ray == "lost":
         raise RayStopped("Ray's GCS stopped answering")
     if _local_ray is None:
         return
     gcs = internal_kv.internal_kv_get_gcs_client()
-    deadline = time.monotonic() + GCS_LOST_AFTER_S
     while True:
         try:
             gcs.internal_kv_get(DRAIN_KEY.encode(), KV_NAMESPACE.encode(), timeout=STATUS_TIMEOUT_S)
+            _gcs_silent_since = None
             return
         except ray.exceptions.RpcError:
-            if time.monotonic() >= deadline:
+            now = time.monotonic()
+            if _gcs_silent_since is None:
+                _gcs_silent_since = now
+            if now - _gcs_silent_since >= GCS_LOST_AFTER_S:
                 _local_ray = "lost"
                 raise RayStopped(
                     f"Ray's GCS did not answer for {GCS_LOST_AFTER_S:g} s: Ray's processes "
@@ -281,7 +287,10 @@ def ingress_options(requested: HTTPConfig) -> HTTPConfig:
     """The host and port Serve's proxies listen on. On a joined cluster where Serve already ran
     they are that Serve's: serve.start() applies no http_options to a running Serve, and the
     ready banner printed --port's URL where nothing listened."""
-    instance = _serve_instance(STATUS_TIMEOUT_S)
+    try:
+        instance = _serve_instance(STATUS_TIMEOUT_S)
+    except ray.exceptions.GetTimeoutError:  # a slow controller: the banner shows --port
+        return requested
     if instance is None or instance.http_options is None:
         return requested
     listening = {"host": instance.http_options.host, "port": instance.http_options.port}

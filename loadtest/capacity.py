@@ -268,6 +268,17 @@ def handle(args: argparse.Namespace) -> int:
 
     replicas = f"{args.replicas} replica{'s' if args.replicas > 1 else ''}"
     print(f"capacity of {args.target} ({replicas}), {args.hold_s:g} s per rate")
+    # A result left by an earlier search in OUT would pass for this one's if this one fails.
+    (args.out / "capacity.json").unlink(missing_ok=True)
+    result: dict[str, Any] = {
+        "target": args.target,
+        "replicas": args.replicas,
+        "slo_ttft_ms": args.slo_ttft_ms,
+        "window_s": args.window_s,
+        "hold_s": args.hold_s,
+        "seed": args.seed,
+        "workload_args": shared,
+    }
     try:
         low_sustained = probe([args.low])[0]
         low, high = args.low, args.high
@@ -277,19 +288,12 @@ def handle(args: argparse.Namespace) -> int:
         print(f"loadtest capacity: error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
+        result |= {"probes": [asdict(p) for p in probes], "interrupted": True}
+        _write(args.out, result | {"capacity_per_s": None})
         done = ", ".join(f"{p.rate:g}/s" for p in probes) or "none"
         print(f"loadtest capacity: interrupted; probes done: {done} (in {args.out}/)")
         return EXIT_INTERRUPTED
-    result: dict[str, Any] = {
-        "target": args.target,
-        "replicas": args.replicas,
-        "slo_ttft_ms": args.slo_ttft_ms,
-        "window_s": args.window_s,
-        "hold_s": args.hold_s,
-        "seed": args.seed,
-        "workload_args": shared,
-        "probes": [asdict(p) for p in probes],
-    }
+    result["probes"] = [asdict(p) for p in probes]
     if not low_sustained:
         result["capacity_per_s"] = None
         _write(args.out, result)

@@ -78,6 +78,8 @@ def _compare(args: argparse.Namespace) -> int:
         raise SystemExit("compare: labels must be unique names of letters, digits, . _ -")
     shared = [a for a in args.run_args if a != "--"]
     summaries: list[dict[str, Any]] = []
+    # An earlier comparison in OUT would pass for this one's if this one stops early.
+    (args.out / "compare.md").unlink(missing_ok=True)
     for target, label in zip(args.target, labels, strict=True):
         out = args.out / label
         print(f"== {label}: {target}", flush=True)

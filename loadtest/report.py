@@ -30,7 +30,7 @@ _SCALARS = (
     ("workload", "workload", "{}"),
     ("arrivals", "arrivals", "{}"),
     ("num_requests", "requests sent", "{}"),
-    ("not_sent", "requests not sent (after a failed turn, or past --duration-s)", "{}"),
+    ("not_sent", "requests not sent (after a failed turn, past --duration-s, or Ctrl-C)", "{}"),
     ("cut_by_interrupt", "requests cut in flight by Ctrl-C (not counted below)", "{}"),
     ("completed", "completed", "{}"),
     ("failed", "failed", "{}"),

@@ -22,6 +22,7 @@ import yaml
 
 from cluster import cli, k8s_render, runtime
 from cluster.cli import EXIT_CONFIG, main
+from cluster.config import HTTPConfig
 from deployments.llm_server import LLMServer
 
 MODEL = {
@@ -210,6 +211,20 @@ def test_the_ready_banner_on_a_joined_cluster_gives_its_running_serves_port(
     assert "ready in" in out and "http://127.0.0.1:28700/v1" in out and ":8123" not in out
 
 
+def test_a_slow_controller_leaves_the_banner_on_the_requested_port(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The controller did not answer in time once the app ran: the banner shows --port, as before
+    (a GetTimeoutError escaped, and the freshly deployed app was deleted with a traceback)."""
+
+    def slow(timeout_s: float) -> None:
+        raise ray.exceptions.GetTimeoutError("no answer")
+
+    monkeypatch.setattr(runtime, "_serve_instance", slow)
+    requested = HTTPConfig(host="127.0.0.1", port=8123)
+    assert runtime.ingress_options(requested) == requested
+
+
 def ray_lost() -> None:
     raise runtime.RayStopped("Ray's GCS did not answer for 20 s")
 
@@ -259,6 +274,7 @@ def test_check_ray_alive_takes_the_local_ray_for_stopped_after_a_silent_window(
     monkeypatch.setattr(runtime.internal_kv, "internal_kv_get_gcs_client", lambda: gcs)
     monkeypatch.setattr(runtime.time, "sleep", lambda s: None)
     monkeypatch.setattr(runtime, "_local_ray", "running")
+    monkeypatch.setattr(runtime, "_gcs_silent_since", None)
     runtime.check_ray_alive()  # a stall shorter than GCS_LOST_AFTER_S is not a stop
     assert gcs.calls == 3
 
@@ -269,6 +285,29 @@ def test_check_ray_alive_takes_the_local_ray_for_stopped_after_a_silent_window(
     with pytest.raises(runtime.RayStopped):  # once lost, lost: no more 20 s waits
         runtime.check_ray_alive()
     assert gcs.calls == 1
+
+
+def test_a_check_cut_short_by_a_signal_does_not_restart_the_silent_window(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A second Ctrl-C during the check ends it; the check before Serve's shutdown then goes on
+    from when the GCS fell silent (it waited a whole new window: a second signal made the stop
+    slower than one)."""
+    clock = [100.0]
+    monkeypatch.setattr(runtime.internal_kv, "internal_kv_get_gcs_client", LostGcs)
+    monkeypatch.setattr(runtime.time, "monotonic", lambda: clock[0])
+    monkeypatch.setattr(runtime, "_local_ray", "running")
+    monkeypatch.setattr(runtime, "_gcs_silent_since", None)
+
+    def signal_during_the_wait(seconds: float) -> None:
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(runtime.time, "sleep", signal_during_the_wait)
+    with pytest.raises(KeyboardInterrupt):
+        runtime.check_ray_alive()
+    clock[0] += runtime.GCS_LOST_AFTER_S
+    with pytest.raises(runtime.RayStopped):
+        runtime.check_ray_alive()
 
 
 def test_check_ray_alive_leaves_a_joined_cluster_alone(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -174,6 +174,10 @@ def test_ctrl_c_during_a_probe_ends_the_search(
         return 130
 
     monkeypatch.setattr(loadtest.cli, "main", interrupted_run)
+    stale = tmp_path / "cap" / "capacity.json"  # an earlier search's result in the same OUT
+    stale.parent.mkdir()
+    stale.write_text(json.dumps({"capacity_per_s": 2.5}))
     code, result = capacity(tmp_path, "--target=http://127.0.0.1:9", "--hold-s=1")
-    assert code == 130 and not result and len(runs) == 1
+    assert code == 130 and len(runs) == 1
+    assert result["interrupted"] and result["capacity_per_s"] is None and result["probes"] == []
     assert "loadtest capacity: interrupted; probes done: none" in capsys.readouterr().out

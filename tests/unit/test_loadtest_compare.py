@@ -37,6 +37,7 @@ def test_ctrl_c_during_a_target_stops_the_comparison(
         raise KeyboardInterrupt  # Ctrl-C outside the load itself
 
     monkeypatch.setattr(run, "handle", interrupted)
+    (tmp_path / "compare.md").write_text("an earlier comparison\n")  # must not pass for this one
     argv = ["compare", "--target", "http://a", "--target", "http://b", "--out", str(tmp_path)]
     assert main([*argv, "--", "--workload", "random"]) == 130
     assert started == ["http://a"] and not (tmp_path / "compare.md").exists()
