@@ -249,6 +249,7 @@ def wait_until_running(
         try:
             app = serve_status(STATUS_TIMEOUT_S).applications.get(APP_NAME)
         except ray.exceptions.GetTimeoutError:
+            check_ray_alive()  # RayStopped if it is the whole local Ray that is gone (OOM killer)
             app, detail = None, f"Serve's controller did not answer within {STATUS_TIMEOUT_S:g} s"
         else:
             detail = _pending_detail(app)

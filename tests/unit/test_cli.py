@@ -364,12 +364,18 @@ def test_a_controller_that_does_not_answer_bounds_the_deploy_wait(
         raise ray.exceptions.GetTimeoutError("no answer")
 
     monkeypatch.setattr(runtime, "serve_status", hung)
+    monkeypatch.setattr(runtime, "_local_ray", None)  # a joined cluster: its GCS is not checked
     progress: list[str] = []
     with pytest.raises(runtime.DeployError, match="controller did not answer within 5 s"):
         runtime.wait_until_running(0.0, progress.append, threading.Event())
     stop = threading.Event()
     stop.set()
     assert runtime.wait_until_running(60.0, progress.append, stop) is False
+    # On the local Ray, a controller that does not answer may be all of Ray gone (OOM killer):
+    # said at once, not after deploy_timeout_s or Ray's own exit 60 s later.
+    monkeypatch.setattr(runtime, "check_ray_alive", ray_lost)
+    with pytest.raises(runtime.RayStopped):
+        runtime.wait_until_running(60.0, progress.append, threading.Event())
 
 
 def test_status_says_when_the_controller_does_not_answer(
