@@ -288,8 +288,8 @@ def handle(args: argparse.Namespace) -> int:
         print(f"loadtest capacity: error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        result |= {"probes": [asdict(p) for p in probes], "interrupted": True}
-        _write(args.out, result | {"capacity_per_s": None})
+        partial = {"probes": [asdict(p) for p in probes], "interrupted": True}
+        _write(args.out, result | partial | {"capacity_per_s": None})
         done = ", ".join(f"{p.rate:g}/s" for p in probes) or "none"
         print(f"loadtest capacity: interrupted; probes done: {done} (in {args.out}/)")
         return EXIT_INTERRUPTED
