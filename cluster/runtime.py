@@ -19,7 +19,7 @@ import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import psutil
 import ray
@@ -47,11 +47,11 @@ GCS_LOST_AFTER_S = 20.0
 # A local Ray's HAProxy folder, /tmp/haproxy-XXXXXXXX (see local_haproxy_env).
 HAPROXY_FOLDER_PREFIX = "haproxy-"
 _haproxy_folder: Path | None = None
-# The local Ray that start_ray started: "running", or "lost" once its GCS stopped answering.
-# None: no local Ray (none started, or a joined cluster, which is not ours to watch).
-_local_ray: Literal["running", "lost"] | None = None
+# Whether start_ray started a local Ray (False: none yet, or a joined cluster, not ours to watch).
+_local_ray = False
 # Since when (time.monotonic()) the local Ray's GCS has not answered; None while it answers. Kept
-# across calls, so that a check cut short by a signal does not start the window again.
+# across calls, so that a check cut short by a signal does not start the window again, and so
+# that a GCS silent for GCS_LOST_AFTER_S stays lost without another call.
 _gcs_silent_since: float | None = None
 
 
@@ -89,7 +89,7 @@ def start_ray(config: ClusterConfig) -> None:
         dashboard_host="127.0.0.1",
         logging_level=logging.WARNING,
     )
-    _local_ray = "running"
+    _local_ray = True
 
 
 def local_haproxy_env() -> dict[str, str]:
@@ -130,7 +130,7 @@ def stop_ray() -> None:
     """Disconnect from Ray: a local Ray (start_ray) stops, and its HAProxy goes with its folder."""
     global _haproxy_folder, _local_ray, _gcs_silent_since
     ray.shutdown()
-    _local_ray, _gcs_silent_since = None, None
+    _local_ray, _gcs_silent_since = False, None
     if _haproxy_folder is not None:
         _stop_orphaned_haproxy(_haproxy_folder)
         shutil.rmtree(_haproxy_folder, ignore_errors=True)
@@ -168,28 +168,29 @@ def check_ray_alive() -> None:
     later, before `serve` could stop HAProxy. Only the local Ray is watched: a joined cluster's
     processes are not ours, a slow GCS there is not a stopped one, and Ray Client has no GCS
     client."""
-    global _local_ray, _gcs_silent_since
-    if _local_ray == "lost":
-        raise RayStopped("Ray's GCS stopped answering")
-    if _local_ray is None:
+    global _gcs_silent_since
+    if not _local_ray:
         return
     gcs = internal_kv.internal_kv_get_gcs_client()
-    while True:
+    while not _gcs_lost():
         try:
             gcs.internal_kv_get(DRAIN_KEY.encode(), KV_NAMESPACE.encode(), timeout=STATUS_TIMEOUT_S)
             _gcs_silent_since = None
             return
         except ray.exceptions.RpcError:
-            now = time.monotonic()
             if _gcs_silent_since is None:
-                _gcs_silent_since = now
-            if now - _gcs_silent_since >= GCS_LOST_AFTER_S:
-                _local_ray = "lost"
-                raise RayStopped(
-                    f"Ray's GCS did not answer for {GCS_LOST_AFTER_S:g} s: Ray's processes "
-                    "have stopped"
-                ) from None
-            time.sleep(1.0)  # a GCS that is gone may refuse at once
+                _gcs_silent_since = time.monotonic()
+            if not _gcs_lost():
+                time.sleep(1.0)  # a GCS that is gone may refuse at once
+    raise RayStopped(
+        f"Ray's GCS did not answer for {GCS_LOST_AFTER_S:g} s: Ray's processes have stopped"
+    )
+
+
+def _gcs_lost() -> bool:
+    return (
+        _gcs_silent_since is not None and time.monotonic() - _gcs_silent_since >= GCS_LOST_AFTER_S
+    )
 
 
 def stop_app(joined: bool) -> None:

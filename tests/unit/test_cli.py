@@ -91,6 +91,11 @@ def test_serve_refuses_a_port_in_use_before_starting_ray(
     assert f"cannot listen on 127.0.0.1:{port}" in capsys.readouterr().err
 
 
+def controller_does_not_answer(timeout_s: float) -> None:
+    """Serve's controller hung (or slow): a bounded call to it times out."""
+    raise ray.exceptions.GetTimeoutError("no answer within 5 s")
+
+
 def fake_serve(monkeypatch: pytest.MonkeyPatch, app_status: str) -> list[str]:
     """`serve` without Ray: the app reports `app_status`, a SIGTERM arrives once it is submitted,
     and the returned list records Serve's and Ray's shutdowns in order."""
@@ -217,10 +222,7 @@ def test_a_slow_controller_leaves_the_banner_on_the_requested_port(
     """The controller did not answer in time once the app ran: the banner shows --port, as before
     (a GetTimeoutError escaped, and the freshly deployed app was deleted with a traceback)."""
 
-    def slow(timeout_s: float) -> None:
-        raise ray.exceptions.GetTimeoutError("no answer")
-
-    monkeypatch.setattr(runtime, "_serve_instance", slow)
+    monkeypatch.setattr(runtime, "_serve_instance", controller_does_not_answer)
     requested = HTTPConfig(host="127.0.0.1", port=8123)
     assert runtime.ingress_options(requested) == requested
 
@@ -273,7 +275,7 @@ def test_check_ray_alive_takes_the_local_ray_for_stopped_after_a_silent_window(
     gcs = LostGcs(answers_after=2)
     monkeypatch.setattr(runtime.internal_kv, "internal_kv_get_gcs_client", lambda: gcs)
     monkeypatch.setattr(runtime.time, "sleep", lambda s: None)
-    monkeypatch.setattr(runtime, "_local_ray", "running")
+    monkeypatch.setattr(runtime, "_local_ray", True)
     monkeypatch.setattr(runtime, "_gcs_silent_since", None)
     runtime.check_ray_alive()  # a stall shorter than GCS_LOST_AFTER_S is not a stop
     assert gcs.calls == 3
@@ -296,7 +298,7 @@ def test_a_check_cut_short_by_a_signal_does_not_restart_the_silent_window(
     clock = [100.0]
     monkeypatch.setattr(runtime.internal_kv, "internal_kv_get_gcs_client", LostGcs)
     monkeypatch.setattr(runtime.time, "monotonic", lambda: clock[0])
-    monkeypatch.setattr(runtime, "_local_ray", "running")
+    monkeypatch.setattr(runtime, "_local_ray", True)
     monkeypatch.setattr(runtime, "_gcs_silent_since", None)
 
     def signal_during_the_wait(seconds: float) -> None:
@@ -314,7 +316,7 @@ def test_check_ray_alive_leaves_a_joined_cluster_alone(monkeypatch: pytest.Monke
     """A joined cluster's GCS is not ours: a slow one is not a stopped one (and Ray Client has
     no GCS client at all)."""
     monkeypatch.setattr(runtime.internal_kv, "internal_kv_get_gcs_client", lambda: None)
-    monkeypatch.setattr(runtime, "_local_ray", None)
+    monkeypatch.setattr(runtime, "_local_ray", False)
     runtime.check_ray_alive()
 
 
@@ -360,11 +362,8 @@ def test_a_controller_that_does_not_answer_bounds_the_deploy_wait(
     """Serve's controller hung: the wait still ends at its deadline with the reason, and a stop
     still ends it at once (serve.status() waited for the controller forever)."""
 
-    def hung(timeout_s: float) -> None:
-        raise ray.exceptions.GetTimeoutError("no answer")
-
-    monkeypatch.setattr(runtime, "serve_status", hung)
-    monkeypatch.setattr(runtime, "_local_ray", None)  # a joined cluster: its GCS is not checked
+    monkeypatch.setattr(runtime, "serve_status", controller_does_not_answer)
+    monkeypatch.setattr(runtime, "_local_ray", False)  # a joined cluster: its GCS is not checked
     progress: list[str] = []
     with pytest.raises(runtime.DeployError, match="controller did not answer within 5 s"):
         runtime.wait_until_running(0.0, progress.append, threading.Event())
@@ -381,12 +380,9 @@ def test_a_controller_that_does_not_answer_bounds_the_deploy_wait(
 def test_status_says_when_the_controller_does_not_answer(
     monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    def hung(timeout_s: float) -> None:
-        raise ray.exceptions.GetTimeoutError("no answer within 5 s")
-
     monkeypatch.setattr(ray, "init", lambda **kwargs: None)
     monkeypatch.setattr(ray, "shutdown", lambda: None)
-    monkeypatch.setattr(runtime, "serve_status", hung)
+    monkeypatch.setattr(runtime, "serve_status", controller_does_not_answer)
     assert main(["status"]) == 3
     assert "Serve's controller did not answer: no answer within 5 s" in capsys.readouterr().err
 
