@@ -183,8 +183,10 @@ def _serve(args: argparse.Namespace) -> int:
             "Ctrl-C stops the cluster.",
             flush=True,
         )
+        health = "RUNNING"
         while not stop.wait(RAY_CHECK_INTERVAL_S):
             runtime.check_ray_alive()  # Ray stopped under us (OOM killer, `ray stop`): say so
+            health = _report_health(health)
         # Serve's shutdown stops the HTTP proxies at once, cutting every open stream: let the
         # in-flight requests finish first, taking no new ones (a second Ctrl-C still stops at
         # once).
@@ -208,6 +210,19 @@ def _serve(args: argparse.Namespace) -> int:
         return EXIT_RAY_STOPPED
     finally:
         _stop(joined=config.ray.address is not None)
+
+
+def _report_health(last: str) -> str:
+    """Print the app's health when it changed since `last` (a replica failed its health check,
+    Serve replaced it); returns the health now. A controller that did not answer changes
+    nothing: Ray itself is checked first."""
+    from cluster import runtime
+
+    health = runtime.app_health()
+    if health is None or health == last:
+        return last
+    print("app running again" if health == "RUNNING" else f"app {health}", flush=True)
+    return health
 
 
 def _stop(*, joined: bool) -> None:

@@ -285,6 +285,21 @@ def _serve_instance(timeout_s: float) -> ServeInstanceDetails | None:
     return ServeInstanceDetails(**details)
 
 
+def app_health(timeout_s: float = STATUS_TIMEOUT_S) -> str | None:
+    """The app's health: "RUNNING", or its status with each deployment's (a replica that failed
+    its health check makes its deployment UNHEALTHY until Serve has replaced it); None when
+    Serve's controller did not answer within timeout_s."""
+    try:
+        app = serve_status(timeout_s).applications.get(APP_NAME)
+    except ray.exceptions.GetTimeoutError:
+        return None
+    if app is None:  # deleted from the cluster by someone else (`serve shutdown`)
+        return "gone: the application is no longer on this Ray cluster"
+    if app.status == "RUNNING":
+        return "RUNNING"
+    return f"{str(getattr(app.status, 'value', app.status)).lower()}: {_pending_detail(app)}"
+
+
 def ingress_options(requested: HTTPConfig) -> HTTPConfig:
     """The host and port Serve's proxies listen on. On a joined cluster where Serve already ran
     they are that Serve's: serve.start() applies no http_options to a running Serve, and the

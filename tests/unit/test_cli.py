@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import itertools
 import os
 import pickle
 import signal
@@ -225,6 +226,58 @@ def test_a_slow_controller_leaves_the_banner_on_the_requested_port(
     monkeypatch.setattr(runtime, "_serve_instance", controller_does_not_answer)
     requested = HTTPConfig(host="127.0.0.1", port=8123)
     assert runtime.ingress_options(requested) == requested
+
+
+def test_serve_reports_the_app_turning_unhealthy_and_running_again(
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    signal_handlers: None,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """A replica that fails its health check once the app runs is printed, and so is Serve's
+    replacement of it (`serve` said nothing: the operator saw only the clients' errors)."""
+    fake_serve(monkeypatch, app_status="RUNNING")
+    monkeypatch.setattr(cli, "RAY_CHECK_INTERVAL_S", 0.01)
+    monkeypatch.setattr(runtime.serve, "_run", lambda *a, **k: None)
+    monkeypatch.setattr(runtime, "start_draining", lambda: None)
+    monkeypatch.setattr(runtime, "drain", lambda timeout_s: 0)
+    replica_failed = types.SimpleNamespace(
+        status="UNHEALTHY",
+        message="The deployments ['LLMServer:m'] are UNHEALTHY.",
+        deployments={
+            "LLMServer:m": types.SimpleNamespace(
+                status="UNHEALTHY",
+                replica_states={"RUNNING": 1, "STARTING": 1},
+                message="A replica's health check failed.",
+            )
+        },
+    )
+    running = types.SimpleNamespace(status="RUNNING", message="", deployments={})
+    # The deploy wait, two polls while serving, the replacement, then running on.
+    answers = iter([running, replica_failed, replica_failed, running])
+    monkeypatch.setattr(
+        runtime,
+        "serve_status",
+        lambda timeout_s: types.SimpleNamespace(
+            applications={runtime.APP_NAME: next(answers, running)}
+        ),
+    )
+    checks = itertools.count(1)
+
+    def sigterm_after_five_idle_checks() -> None:
+        if next(checks) == 5:
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    monkeypatch.setattr(runtime, "check_ray_alive", sigterm_after_five_idle_checks)
+    port = str(runtime.free_port())
+    assert main(["serve", "--config", str(write_config(tmp_path)), "--port", port]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    health = [line for line in lines if line.startswith("app ")]
+    assert health == [
+        "app unhealthy: LLMServer:m: unhealthy (1 running, 1 starting) - A replica's health "
+        "check failed.",
+        "app running again",
+    ]
 
 
 def ray_lost() -> None:
