@@ -122,11 +122,12 @@ def render_file(config: ClusterConfig, config_name: str, base_path: Path | None 
 
 
 def _in_image(model: ModelConfig) -> ModelConfig:
-    """`model` with the paths the pods see: the image's embedded model, and `~/...` again for a
-    path under this machine's home. Loading the config expanded a `~` to the renderer's home,
-    which the pods (user `ray`) do not have; a path under it, written with `~` or not, can only
-    mean the same path under the pod's home, where the pod's Serve expands `~` again. A home of
-    `/` (a container without one) would turn every absolute path into `~/...`: left alone."""
+    """`model` as the pods run it: autoscaled, not capped at the nodes' free resources (below);
+    its paths as the pods see them: the image's embedded model, and `~/...` again for a path
+    under this machine's home. Loading the config expanded a `~` to the renderer's home, which
+    the pods (user `ray`) do not have; a path under it, written with `~` or not, can only mean
+    the same path under the pod's home, where the pod's Serve expands `~` again. A home of `/`
+    (a container without one) would turn every absolute path into `~/...`: left alone."""
     home = Path.home()
     updates: dict[str, str] = {}
     for field in ("source", "tokenizer"):
@@ -135,7 +136,14 @@ def _in_image(model: ModelConfig) -> ModelConfig:
             updates[field] = IMAGE_EMBEDDED_MODEL
         elif value is not None and home.parent != home and Path(value).is_relative_to(home):
             updates[field] = str(PurePosixPath("~") / Path(value).relative_to(home))
-    return model.model_copy(update=updates)
+    fields: dict[str, object] = dict(updates)
+    if model.autoscaling.enabled:
+        # The worker groups grow through Ray's autoscaler (the base's enableInTreeAutoscaling),
+        # which adds pods only for replicas Serve asked for and could not place.
+        fields["autoscaling"] = model.autoscaling.model_copy(
+            update={"cap_at_free_resources": False}
+        )
+    return model.model_copy(update=fields)
 
 
 def _template_group(base: dict[str, Any]) -> dict[str, Any]:

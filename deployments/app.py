@@ -35,7 +35,10 @@ def build_app(args: AppConfig | dict[str, Any]) -> Application:
         if scaling.enabled:
             replicas = {
                 "autoscaling_config": serve_autoscaling_config(
-                    scaling, model.num_replicas, "engine", asdict(placement)
+                    scaling,
+                    model.num_replicas,
+                    "engine",
+                    asdict(placement) if scaling.cap_at_free_resources else None,
                 )
             }
         llm_servers[model.name] = (

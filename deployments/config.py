@@ -267,6 +267,14 @@ class ModelAutoscalingConfig(ScalingConfig):
         description="With min_replicas 0: seconds without any request, counted once the "
         "replicas have loaded, before the last replica goes.",
     )
+    cap_at_free_resources: bool = Field(
+        True,
+        description="Scale up only as far as the Ray cluster's nodes can host now (the rest is "
+        "reported in the decision, not left pending). Off where Ray's autoscaler adds nodes for "
+        "pending replicas (KubeRay's enableInTreeAutoscaling, `ray up`): the cap would keep away "
+        "the demand that makes it add them; max_replicas then bounds the fleet. `render-k8s` "
+        "turns it off.",
+    )
     cold_start_timeout_s: PositiveFloat = Field(
         180.0,
         description="With min_replicas 0: how long the router holds a request for its first "

@@ -5,8 +5,9 @@
 
 Holds Poisson arrivals at one rate for --hold-s and checks every --window-s window of them: the
 rate is sustained when each window's TTFT p95 is within --slo-ttft-ms (a failed request counts as
-an infinite TTFT). It first tries --low, then bisects between the highest rate sustained and the
-lowest one not, down to --resolution, and prints the capacity per replica with the config line
+an infinite TTFT); a probe of a URL stops at the first window that missed (`loadtest run
+--stop-at-slo-miss`). It first tries --low, then bisects between the highest rate sustained and
+the lowest one not, down to --resolution, and prints the capacity per replica with the config line
 rate sizing needs: `models[].autoscaling.target_rate_per_replica` is that capacity times the
 share of it to run replicas at (--utilization; 0.93 is what the autoscaling benchmark runs).
 
@@ -52,6 +53,7 @@ OWN_FLAGS = (
     "--num-requests",
     "--duration-s",
     "--slo-ttft-ms",
+    "--stop-at-slo-miss",
     "--seed",
 )
 # Workloads that are not one request per scheduled arrival: a multi-turn session's later turns
@@ -98,10 +100,15 @@ class Probe:
     windows_met: int  # of those, within the SLO
     worst_p95_ms: float | None  # the worst window's TTFT p95 (None: infinite, a failure)
     sustained: bool
+    # The run stopped when the window of starts from here missed the SLO (`run
+    # --stop-at-slo-miss`); the windows above count only the requests that ended by then.
+    stopped_at_window_s: float | None = None
 
     def line(self, slo_ttft_ms: float) -> str:
         worst = "inf" if self.worst_p95_ms is None else f"{self.worst_p95_ms:.0f}"
         verdict = "sustained" if self.sustained else "not sustained"
+        if self.stopped_at_window_s is not None:
+            verdict += f" (stopped: the window from {self.stopped_at_window_s:g} s missed)"
         return (
             f"rate {self.rate:8.3f}/s: {self.windows_met}/{self.windows} windows with TTFT p95 "
             f"<= {slo_ttft_ms:g} ms (worst {worst} ms), {self.completed} completed, "
@@ -219,7 +226,9 @@ def run_probe(args: argparse.Namespace, shared: list[str], rate: float, seed: in
     if args.target.startswith(SIM_PREFIX):
         argv += ["--replicas", str(args.replicas)]
     else:
-        argv += ["--no-progress"]
+        # A rate over capacity is known to fail at its first missed window: the rest of the
+        # hold, and the queue it leaves, would take minutes more of real time.
+        argv += ["--no-progress", "--stop-at-slo-miss", f"{args.window_s:g}"]
     # Poisson arrivals rescaled so that the last one is at requests / rate: the hold.
     argv += ["--out", str(out), "--rate", repr(rate), "--num-requests", str(requests)]
     argv += ["--slo-ttft-ms", f"{args.slo_ttft_ms:g}", "--seed", str(seed), *shared]
@@ -227,8 +236,13 @@ def run_probe(args: argparse.Namespace, shared: list[str], rate: float, seed: in
         code = loadtest_main(argv)
     if code == EXIT_INTERRUPTED:  # Ctrl-C: its partial run is no probe
         raise KeyboardInterrupt
-    lines = (out / "requests.jsonl").read_text().splitlines() if code in (0, 1) else []
-    if not lines:
+    wrote = code in (0, 1) and (out / "summary.json").is_file()
+    # Stopped at its first window, a probe far over capacity may have cut every request.
+    stopped_at = (
+        json.loads((out / "summary.json").read_text()).get("slo_missed_window_s") if wrote else None
+    )
+    lines = (out / "requests.jsonl").read_text().splitlines() if wrote else []
+    if not lines and stopped_at is None:
         raise ProbeError(f"the run at {rate:g}/s wrote no requests (exit {code}): see {out}/")
     records = [RequestRecord(**json.loads(line)) for line in lines]
     p95s = [p for p in window_ttft_p95(records, args.hold_s, args.window_s) if p is not None]
@@ -244,7 +258,8 @@ def run_probe(args: argparse.Namespace, shared: list[str], rate: float, seed: in
         windows=len(p95s),
         windows_met=sum(1 for p in p95s if p <= slo_s),
         worst_p95_ms=None if math.isinf(worst) else worst * 1000.0,
-        sustained=sustained(records, args.hold_s, args.window_s, slo_s),
+        sustained=stopped_at is None and sustained(records, args.hold_s, args.window_s, slo_s),
+        stopped_at_window_s=stopped_at,
     )
 
 

@@ -30,6 +30,7 @@ from tqdm import tqdm
 
 from deployments.tokenizer import PromptTokenizer
 from loadtest.arrivals import ArrivalPlan, schedule
+from loadtest.metrics import first_missed_window, settled_records
 from loadtest.spec import RequestRecord, Session, Turn
 from loadtest.workloads import encode_continuation
 
@@ -120,8 +121,9 @@ class LoadClient:
         self.timeout_s = timeout_s
         self.t0 = t0
         self.records: list[RequestRecord] = []
-        # Requests in flight when the run was interrupted (Ctrl-C): dropped from `records`, whose
-        # numbers cover only requests that ended.
+        # Requests in flight when the run was cut short (Ctrl-C, or a window that missed the SLO
+        # with stop_at_slo_miss): dropped from `records`, whose numbers cover only requests that
+        # ended.
         self.cut = 0
 
     def now(self) -> float:
@@ -198,6 +200,8 @@ class LoadClient:
         )
         self.records.append(record)
         stream = _Stream()
+        # One list: a run watching its SLO sees the first token of a request still in flight.
+        record.token_times_s = stream.token_times_s
         try:
             async with (
                 asyncio.timeout(self.timeout_s),
@@ -222,7 +226,6 @@ class LoadClient:
         except (httpx.HTTPError, ValueError) as exc:  # ValueError: a malformed event
             stream.error = f"{type(exc).__name__}: {exc}"[:MAX_ERROR_CHARS]
         record.end_s = self.now()
-        record.token_times_s = stream.token_times_s
         if stream.error is None and not stream.token_times_s:
             stream.error = "the stream carried no token"
         elif stream.error is None and not stream.done:
@@ -324,12 +327,24 @@ async def _cancel_and_wait(tasks: Sequence[asyncio.Task[None]]) -> None:
     await asyncio.gather(*tasks, return_exceptions=True)
 
 
+class SloWatch(NamedTuple):
+    """Ends a run once a window of request starts has missed a TTFT p95 objective for certain
+    (`first_missed_window`): what the rest of an overloaded run would measure no longer counts,
+    and its queue would take minutes to drain."""
+
+    ttft_s: float
+    window_s: float
+
+
 class LoadRun(NamedTuple):
     records: list[RequestRecord]  # in send order
     duration_s: float  # from the start until the last request ended, as vLLM measures it
     not_sent: int  # requests of the workload never sent (see _Runner.not_sent)
     # Requests in flight when the run was interrupted, not in `records`; None: not interrupted.
     cut_by_interrupt: int | None = None
+    # The window (index) whose miss ended the run (SloWatch), and the requests it cut in flight.
+    slo_missed_window: int | None = None
+    cut_at_slo_miss: int | None = None
 
 
 async def run_load(
@@ -345,16 +360,18 @@ async def run_load(
     progress: bool = True,
     duration_s: float | None = None,
     seed: int = 0,
+    stop_at_slo_miss: SloWatch | None = None,
     transport: httpx.AsyncBaseTransport | None = None,
 ) -> LoadRun:
     """Sends the sessions as `plan` schedules them; returns the records, the run's duration and
     how many requests were never sent.
 
     `duration_s` stops new requests after that many seconds (running ones finish, each within
-    `timeout_s`); `seed` seeds the arrival times; `transport` replaces the network (tests).
+    `timeout_s`); `seed` seeds the arrival times; `stop_at_slo_miss` ends the run at the first
+    window that missed its SLO; `transport` replaces the network (tests).
 
-    Cancelled (Ctrl-C: asyncio.run cancels its task), it returns what ended by then: the
-    requests in flight are cut and counted, the rest count as not sent.
+    Cancelled (Ctrl-C: asyncio.run cancels its task), or stopped at an SLO miss, it returns
+    what ended by then: the requests in flight are cut and counted, the rest count as not sent.
     """
     if tokenizer is None and any(len(s.turns) > 1 for s in sessions):
         raise ValueError("multi-turn sessions need a tokenizer: the answers join the history")
@@ -383,15 +400,48 @@ async def run_load(
         )
         slots = asyncio.Semaphore(plan.max_concurrency) if plan.max_concurrency else None
         runner = _Runner(client, slots, duration_s if duration_s is not None else float("inf"), bar)
+        load = asyncio.create_task(
+            runner.closed_loop(scheduled, plan.max_concurrency or 1)
+            if times is None
+            else runner.open_loop(scheduled, times)
+        )
+        watch = None
+        if stop_at_slo_miss is not None:
+            watch = asyncio.create_task(_stop_at_slo_miss(client, load, stop_at_slo_miss))
         try:
-            if times is None:
-                await runner.closed_loop(scheduled, plan.max_concurrency or 1)
-            else:
-                await runner.open_loop(scheduled, times)
+            await load  # cancelled with this task by a Ctrl-C, or by `watch`
         except asyncio.CancelledError:
             total = sum(len(s.turns) for s in scheduled)
             not_sent = total - len(client.records) - client.cut
+            if watch is not None and watch.done() and not watch.cancelled():
+                return LoadRun(
+                    client.records,
+                    client.now(),
+                    not_sent,
+                    slo_missed_window=watch.result(),
+                    cut_at_slo_miss=client.cut,
+                )
             return LoadRun(client.records, client.now(), not_sent, cut_by_interrupt=client.cut)
         finally:
+            if watch is not None:
+                watch.cancel()
             bar.close()
         return LoadRun(client.records, client.now(), runner.not_sent)
+
+
+SLO_WATCH_INTERVAL_S = 0.5
+
+
+async def _stop_at_slo_miss(client: LoadClient, load: asyncio.Task[None], slo: SloWatch) -> int:
+    """Cancels `load` at the first window that missed the SLO for certain; returns its index.
+    Windows that met it for good (closed, every request ended) are not read again: records are
+    in send order, so they are a prefix."""
+    settled = 0
+    while True:
+        await asyncio.sleep(SLO_WATCH_INTERVAL_S)
+        now, recent = client.now(), client.records[settled:]
+        missed = first_missed_window(recent, now, slo.window_s, slo.ttft_s)
+        if missed is not None:
+            load.cancel()
+            return missed
+        settled += settled_records(recent, now, slo.window_s)

@@ -64,8 +64,12 @@ def nearest_rank(values: Sequence[float], q: float) -> float:
     values at or below it (p95 of 20 values: the 19th smallest)."""
     if not values:
         raise ValueError("no values to take a percentile of")
-    ordered = sorted(values)
-    return ordered[max(0, math.ceil(q / 100 * len(ordered)) - 1)]
+    return sorted(values)[_rank_index(len(values), q)]
+
+
+def _rank_index(count: int, q: float) -> int:
+    """Where the q-th percentile by nearest rank sits among `count` sorted values."""
+    return max(0, math.ceil(q / 100 * count) - 1)
 
 
 def error_key(record: RequestRecord) -> str:
@@ -147,3 +151,50 @@ def window_ttft_p95(
             lat = latencies(record)
             buckets[index].append(math.inf if lat is None else lat.ttft_s)
     return [nearest_rank(ttfts, 95) if ttfts else None for ttfts in buckets]
+
+
+def first_missed_window(
+    records: Sequence[RequestRecord], now_s: float, window_s: float, slo_ttft_s: float
+) -> int | None:
+    """The first window of request start times (as `window_ttft_p95` has them) that has closed
+    by `now_s` and whose TTFT p95 is over `slo_ttft_s` whatever its requests still in flight do
+    next; None while no window has certainly missed.
+
+    A record in flight has `end_s` 0 and the chunk times it has had so far. It is certainly over
+    the SLO once its first token came later than the SLO, or none has come that long after its
+    start; one with an early first token may still fail, so it counts as not over. A window of n
+    requests misses when at least n minus the p95's index of them are over: the p95 is then one
+    of them."""
+    closed = int(now_s // window_s)
+    sent, over = [0] * closed, [0] * closed
+    for record in records:
+        window = int(record.start_s // window_s)
+        if window >= closed:
+            continue
+        sent[window] += 1
+        over[window] += _over_slo(record, now_s, slo_ttft_s)
+    return next(
+        (w for w in range(closed) if sent[w] and over[w] >= sent[w] - _rank_index(sent[w], 95)),
+        None,
+    )
+
+
+def _over_slo(record: RequestRecord, now_s: float, slo_ttft_s: float) -> bool:
+    if record.end_s > 0.0:  # ended: a failed request's TTFT is infinite
+        lat = latencies(record)
+        return lat is None or lat.ttft_s > slo_ttft_s
+    first = record.token_times_s[0] if record.token_times_s else now_s
+    return first - record.start_s > slo_ttft_s
+
+
+def settled_records(records: Sequence[RequestRecord], now_s: float, window_s: float) -> int:
+    """How many of `records` (in start order) lead in windows that have closed by `now_s` with
+    every request ended: what `first_missed_window` says of them can no longer change."""
+    closed = int(now_s // window_s)
+    count = 0
+    for window, group in itertools.groupby(records, key=lambda r: int(r.start_s // window_s)):
+        ended = list(group)
+        if window >= closed or any(r.end_s <= 0.0 for r in ended):
+            break
+        count += len(ended)
+    return count

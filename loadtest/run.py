@@ -25,8 +25,9 @@ import httpx
 from cluster.cli import EXIT_INTERRUPTED
 from cluster.embedded_model import ensure_embedded_model
 from deployments.tokenizer import PromptTokenizer
+from loadtest.argtypes import finite_positive_float
 from loadtest.arrivals import add_arrival_arguments, build_arrivals
-from loadtest.client import Endpoint, run_load
+from loadtest.client import Endpoint, SloWatch, run_load
 from loadtest.metrics import summarize
 from loadtest.report import add_output_arguments, summary_table, write_report
 from loadtest.workloads import add_workload_arguments, build_workload
@@ -77,6 +78,15 @@ def register(subparsers: Any) -> None:
     )
     output = add_output_arguments(parser, "loadtest-runs/<date-time>")
     output.add_argument(
+        "--stop-at-slo-miss",
+        type=finite_positive_float,
+        default=None,
+        metavar="WINDOW_S",
+        help="End the run as soon as a WINDOW_S window of request starts has missed "
+        "--slo-ttft-ms at p95 for certain (a failed request counts as an infinite TTFT); the "
+        "requests in flight are cut, the rest not sent (`loadtest capacity` uses it).",
+    )
+    output.add_argument(
         "--no-progress", action="store_true", help="No progress bar on stderr while running."
     )
     add_workload_arguments(parser)
@@ -117,6 +127,8 @@ async def _first_model(base_url: str, api_key: str | None, timeout_s: float) -> 
 
 def handle(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     try:
+        if args.stop_at_slo_miss is not None and args.slo_ttft_ms is None:
+            raise ValueError("--stop-at-slo-miss needs --slo-ttft-ms")
         plan = build_arrivals(args)
         tokenizer = PromptTokenizer(args.tokenizer or str(ensure_embedded_model()))
         sessions = build_workload(args, tokenizer.vocab_size, tokenizer)
@@ -145,6 +157,9 @@ def handle(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
             progress=not args.no_progress,
             duration_s=args.duration_s,
             seed=args.seed,
+            stop_at_slo_miss=None
+            if args.stop_at_slo_miss is None
+            else SloWatch(args.slo_ttft_ms / 1000.0, args.stop_at_slo_miss),
         )
     )
     summary = {
@@ -158,6 +173,9 @@ def handle(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     }
     if run.cut_by_interrupt is not None:
         summary["cut_by_interrupt"] = run.cut_by_interrupt
+    if run.slo_missed_window is not None:
+        summary["slo_missed_window_s"] = run.slo_missed_window * args.stop_at_slo_miss
+        summary["cut_at_slo_miss"] = run.cut_at_slo_miss
     out = args.out or Path("loadtest-runs") / time.strftime("%Y%m%d-%H%M%S")
     write_report(out, summary, run.records)
     print(summary_table(summary))
@@ -169,4 +187,11 @@ def handle(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
             file=sys.stderr,
         )
         return EXIT_INTERRUPTED
+    if run.slo_missed_window is not None:
+        print(
+            f"stopped at {run.duration_s:.1f} s: the window of requests started from "
+            f"{summary['slo_missed_window_s']:g} s missed TTFT p95 <= {args.slo_ttft_ms:g} ms; "
+            f"{run.cut_at_slo_miss} in flight were cut, {run.not_sent} not sent",
+            file=sys.stderr,
+        )
     return 0 if summary["completed"] else 1

@@ -379,6 +379,47 @@ def test_ctrl_c_amid_think_times_and_streams_accounts_for_every_turn(
     assert len(result.records) + result.cut_by_interrupt + result.not_sent == 24
 
 
+def test_a_run_stops_at_the_first_window_that_missed_its_slo() -> None:
+    """A target that stops answering after a second: the run ends once the window of the
+    requests it left waiting has missed the SLO for certain, the requests in flight cut and
+    counted, the rest of the schedule not sent (it would have run to the end of the schedule
+    and then waited out each request's timeout)."""
+    clock = [0.0]
+
+    async def handler(request: httpx.Request) -> httpx.Response:
+        if clock[0] >= 1.0:  # the queue: no answer from now on
+            await asyncio.sleep(60)
+        return httpx.Response(200, content=completion_stream(["a"], 3))
+
+    async def load() -> client.LoadRun:
+        ticking = asyncio.create_task(tick())
+        try:
+            return await run_load(
+                "http://test",
+                "sim",
+                [one_turn(i) for i in range(100)],
+                ArrivalPlan("constant", rate=10.0),
+                progress=False,
+                stop_at_slo_miss=client.SloWatch(ttft_s=0.3, window_s=1.0),
+                transport=httpx.MockTransport(handler),
+            )
+        finally:
+            ticking.cancel()
+
+    async def tick() -> None:
+        start = asyncio.get_running_loop().time()
+        while True:
+            clock[0] = asyncio.get_running_loop().time() - start
+            await asyncio.sleep(0.01)
+
+    result = asyncio.run(load())
+    assert result.slo_missed_window == 1 and result.cut_by_interrupt is None
+    assert all(r.ok and r.start_s < 1.05 for r in result.records)
+    assert result.cut_at_slo_miss and result.cut_at_slo_miss >= 8  # window 1's, at least
+    assert result.not_sent > 0
+    assert len(result.records) + result.cut_at_slo_miss + result.not_sent == 100
+
+
 def test_report_writes_json_plots_and_series(tmp_path: Path) -> None:
     records = [
         RequestRecord(0, "a", 0, 0.0, 0.0, 0.5, 200, 10, 3, 4, [0.1, 0.2, 0.4]),
@@ -467,6 +508,27 @@ def test_loadtest_run_interrupted_writes_its_report(
     assert summary["cut_by_interrupt"] + summary["not_sent"] + len(records) == 64
     assert summary["not_sent"] > 0
     assert "cut in flight by Ctrl-C" in (out / "report.md").read_text()
+
+
+@pytest.mark.integration
+def test_loadtest_run_stopped_at_an_slo_miss_writes_its_report(
+    simulated_app: str, tmp_path: Path
+) -> None:
+    """`--stop-at-slo-miss` against the app, with an SLO no request meets (1 ms): the run ends
+    when the first window closes, reports it, and exits 0 (the module's teardown checks that the
+    cut streams left nothing in the replicas or routers)."""
+    from loadtest.cli import main
+
+    out = tmp_path / "run"
+    argv = ["run", "--base-url", simulated_app, "--workload=random", "--input-len=64"]
+    argv += ["--output-len=64", "--num-requests=64", "--rate=8", "--slo-ttft-ms=1"]
+    argv += ["--stop-at-slo-miss=1", "--no-progress", "--out", str(out)]
+    assert main(argv) == 0
+    summary = json.loads((out / "summary.json").read_text())
+    records = (out / "requests.jsonl").read_text().splitlines()
+    assert summary["slo_missed_window_s"] == 0 and summary["not_sent"] > 0
+    assert summary["cut_at_slo_miss"] + summary["not_sent"] + len(records) == 64
+    assert "stopped: the SLO window starting at (s) missed" in (out / "report.md").read_text()
 
 
 @pytest.mark.integration

@@ -167,6 +167,17 @@ def test_embedded_source_becomes_the_images_baked_model() -> None:
     assert model.source.startswith(os.path.expanduser("~") + "/")
 
 
+def test_autoscaled_models_are_not_capped_at_the_nodes_there_are() -> None:
+    """Ray's autoscaler adds worker pods only for replicas Serve asked for and could not place:
+    capped at the free resources, an autoscaled model never grew past its first pods."""
+    config = load_config(REPO / OVERLAYS["gpu"])
+    (app,) = k8s_render.serve_config(config)["applications"]
+    models = AppConfig.model_validate(app["args"]).models
+    autoscaled = [m for m in models if m.autoscaling.enabled]
+    assert autoscaled and not any(m.autoscaling.cap_at_free_resources for m in autoscaled)
+    assert all(m.autoscaling.cap_at_free_resources for m in config.models)  # a local Ray's
+
+
 @pytest.mark.parametrize(
     ("where", "break_it"),
     [

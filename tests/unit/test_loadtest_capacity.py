@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from dataclasses import asdict
 from pathlib import Path
 
 import pytest
@@ -181,3 +182,33 @@ def test_ctrl_c_during_a_probe_ends_the_search(
     assert code == 130 and len(runs) == 1
     assert result["interrupted"] and result["capacity_per_s"] is None and result["probes"] == []
     assert "loadtest capacity: interrupted; probes done: none" in capsys.readouterr().out
+
+
+def test_a_probe_stopped_at_an_slo_miss_is_not_sustained(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture
+) -> None:
+    """A URL's probes run with --stop-at-slo-miss at the search's window; one that stopped is
+    not sustained, also when the stop cut every request (it read as "wrote no requests")."""
+    import loadtest.cli
+
+    runs: list[list[str]] = []
+
+    def run(argv: list[str]) -> int:
+        runs.append(argv)
+        out = Path(argv[argv.index("--out") + 1])
+        stopped = "--rate" in argv and float(argv[argv.index("--rate") + 1]) > 2.0
+        summary = {"slo_missed_window_s": 2.0} if stopped else {}
+        (out / "summary.json").write_text(json.dumps(summary))
+        # Stopped, every request in flight was cut: nothing ended, exit 1.
+        fast = [] if stopped else [record(0.5 * i, 0.1) for i in range(8)]
+        (out / "requests.jsonl").write_text("".join(json.dumps(asdict(r)) + "\n" for r in fast))
+        return 1 if stopped else 0
+
+    monkeypatch.setattr(loadtest.cli, "main", run)
+    flags = ("--target=http://127.0.0.1:9", "--hold-s=4", "--window-s=2", "--low=1", "--high=4")
+    code, result = capacity(tmp_path, *flags, "--resolution=1.5")
+    assert code == 0
+    assert all(argv[argv.index("--stop-at-slo-miss") + 1] == "2" for argv in runs)
+    assert [(p["rate"], p["sustained"]) for p in result["probes"]] == [(1.0, True), (2.5, False)]
+    assert result["probes"][1]["stopped_at_window_s"] == 2.0
+    assert "not sustained (stopped: the window from 2 s missed)" in capsys.readouterr().out

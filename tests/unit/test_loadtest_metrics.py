@@ -3,10 +3,19 @@
 from __future__ import annotations
 
 import math
+import random
 
 import pytest
 
-from loadtest.metrics import distribution, latencies, nearest_rank, summarize
+from loadtest.metrics import (
+    distribution,
+    first_missed_window,
+    latencies,
+    nearest_rank,
+    settled_records,
+    summarize,
+    window_ttft_p95,
+)
 from loadtest.spec import RequestRecord
 
 
@@ -180,3 +189,73 @@ def test_nearest_rank_is_a_measured_value_and_takes_infinity() -> None:
     assert nearest_rank([0.1, math.inf], 95) == math.inf  # a failed request fails the window
     with pytest.raises(ValueError, match="no values"):
         nearest_rank([], 50)
+
+
+def in_flight(start: float, token_times: list[float] | None = None) -> RequestRecord:
+    """A request still streaming (end_s 0), with the chunks it has had so far."""
+    return RequestRecord(
+        index=0,
+        session_id="s",
+        turn=0,
+        scheduled_s=start,
+        start_s=start,
+        end_s=0.0,
+        status=200,
+        token_times_s=token_times or [],
+    )
+
+
+def test_a_window_misses_once_its_p95_is_over_whatever_the_rest_do() -> None:
+    """20 requests in a 10 s window (p95 by nearest rank: the 19th smallest): 2 over the 2 s SLO
+    settle it, 1 does not. Over: a late first token, a failure, or no token yet past the SLO."""
+    base = [record(0.1 * i, [0.1 * i + 0.5]) for i in range(17)]
+    base.append(in_flight(1.75, [2.0]))  # TTFT 0.25 s, still streaming: may yet fail, not over
+    late = record(1.8, [4.5])  # TTFT 2.7 s
+    failed = record(1.9, [], status=503, error="overloaded")
+    fast = record(2.0, [2.2])
+    waiting = in_flight(9.0)  # no token yet
+    assert first_missed_window([*base, late, fast], 12.0, 10.0, 2.0) is None
+    assert first_missed_window([*base, late, failed], 12.0, 10.0, 2.0) == 0
+    assert first_missed_window([*base, late, waiting], 10.5, 10.0, 2.0) is None  # waited 1.5 s
+    assert first_missed_window([*base, late, waiting], 11.5, 10.0, 2.0) == 0  # waited 2.5 s
+    # A window still open is not judged: more requests may start in it.
+    assert first_missed_window([*base, late, failed], 9.9, 10.0, 2.0) is None
+    # The first window that missed, not a later one.
+    later = [record(10.0 + 0.1 * i, [10.0 + 0.1 * i + 3.0]) for i in range(5)]
+    assert first_missed_window([*base, late, failed, *later], 25.0, 10.0, 2.0) == 0
+    assert first_missed_window([*base, late, fast, *later], 25.0, 10.0, 2.0) == 1
+
+
+@pytest.mark.parametrize("seed", range(20))
+def test_a_miss_found_early_holds_for_the_finished_run(seed: int) -> None:
+    """Random runs looked at in a random moment: a window said to miss still misses however well
+    its requests in flight end (a first token now, then success), and no earlier window
+    does."""
+    rng = random.Random(seed)
+    now = rng.uniform(5.0, 30.0)
+    records, finished = [], []
+    for i in range(rng.randint(20, 200)):
+        start = now * i / 200
+        ttft = rng.choices([0.2, 0.5, 1.0, 2.5, 5.0], weights=[40, 30, 26, 3, 1])[0]
+        if start + ttft <= now and rng.random() < 0.95:
+            ok = record(start, [start + ttft]) if rng.random() < 0.99 else record(start, [])
+            records.append(ok)
+            finished.append(ok)
+        else:
+            token = [start + ttft] if start + ttft <= now else []
+            records.append(in_flight(start, token))
+            finished.append(record(start, token or [now]))  # the best it can still do
+    # The best end of a request in flight is judged as it is now: so a window misses for
+    # certain exactly when it misses in the best finished run.
+    p95s = window_ttft_p95(finished, 2.0 * int(now // 2.0), 2.0)
+    over = [w for w, p in enumerate(p95s) if p is not None and p > 2.0]
+    first_over = over[0] if over else None
+    assert first_missed_window(records, now, 2.0, 2.0) == first_over
+    assert first_missed_window(finished, now, 2.0, 2.0) == first_over
+
+
+def test_settled_records_are_the_closed_windows_with_every_request_ended() -> None:
+    records = [record(0.5, [0.6]), record(1.5, [1.6]), in_flight(2.5), record(3.5, [3.6])]
+    assert settled_records(records, 5.0, 1.0) == 2  # window 2 has a request in flight
+    assert settled_records(records, 1.9, 1.0) == 1  # window 1 has not closed
+    assert settled_records([], 5.0, 1.0) == 0
