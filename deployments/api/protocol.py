@@ -64,9 +64,22 @@ class _Request(BaseModel):
 
 
 class StreamOptions(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    # Unknown options are ignored, as OpenAI's and vLLM's servers do: the SDK sends OpenAI's
+    # include_obfuscation (padding against length side channels, which this server adds none of).
+    model_config = ConfigDict(extra="ignore")
 
     include_usage: Annotated[StrictBool, NullIsDefault] = False
+    # vLLM's: usage in every chunk. Not honoured, so refused when asked for.
+    continuous_usage_stats: Annotated[StrictBool, NullIsDefault] = False
+
+    @field_validator("continuous_usage_stats")
+    @classmethod
+    def _no_continuous_usage(cls, value: bool) -> bool:
+        if value:
+            raise ValueError(
+                "continuous_usage_stats is not supported: usage comes in the last chunk"
+            )
+        return value
 
 
 class ResponseFormat(BaseModel):
@@ -313,10 +326,21 @@ class CompletionRequest(_SamplingFields):
 
 
 class TextPart(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="ignore")
 
     type: Literal["text"]
     text: str
+
+
+def _text_parts_only(content: Any) -> Any:
+    """A part of another type (image_url, input_audio, file) gets an error that says so, not the
+    string branch's "Input should be a valid string"."""
+    if isinstance(content, list):
+        for part in content:
+            kind = part.get("type") if isinstance(part, dict) else None
+            if isinstance(kind, str) and kind != "text":
+                raise ValueError(f"content parts of type {kind!r} are not supported: text only")
+    return content
 
 
 # What clients send for a tool-calling field they leave unset, or to ask for no tool use: null,
@@ -340,6 +364,7 @@ class ChatMessage(BaseModel):
     tool_calls: list[dict[str, Any]] | None = None
 
     _no_tool_calls = field_validator("tool_calls")(_no_tool_use)
+    _text_only = field_validator("content", mode="before")(_text_parts_only)
 
 
 class ChatCompletionRequest(_SamplingFields):

@@ -268,7 +268,12 @@ BAD_REQUESTS = [
         400,
         "stream_options.include_usage",
     ),
-    (CHAT, chat(stream=True, stream_options={"bogus": True}), 400, "stream_options.bogus"),
+    (
+        CHAT,
+        chat(stream=True, stream_options={"continuous_usage_stats": True}),
+        400,
+        "stream_options.continuous_usage_stats",
+    ),
     (CHAT, chat(response_format={"type": "json_object"}), 400, "response_format"),
     (CHAT, chat(response_format={"type": "yaml"}), 400, "response_format.type"),
     (CHAT, chat(tools=[{"type": "function"}]), 400, "tools"),
@@ -324,6 +329,26 @@ async def test_bad_requests_get_4xx_in_openai_shape(
     response = await client.post(path, json=payload)
     assert_error(response, status, param)
     assert response.json()["error"]["type"] == "invalid_request_error"
+
+
+async def test_unknown_stream_options_are_ignored_as_openai_and_vllm_do(
+    client: httpx.AsyncClient,
+) -> None:
+    """The openai SDK sends OpenAI's include_obfuscation; it was a 400 ("Extra inputs are not
+    permitted"), as was any option a newer client adds."""
+    options = {"include_usage": True, "include_obfuscation": False, "newer_option": 1}
+    response = await client.post(CHAT, json=chat(max_tokens=2, stream=True, stream_options=options))
+    assert response.status_code == 200, response.text
+    assert '"usage"' in response.text
+
+
+async def test_a_content_part_of_another_type_is_named_in_the_error(
+    client: httpx.AsyncClient,
+) -> None:
+    image = {"type": "image_url", "image_url": {"url": "https://example.com/a.png"}}
+    response = await client.post(CHAT, json=user([{"type": "text", "text": "what?"}, image]))
+    assert_error(response, 400, "messages.0.content")
+    assert "content parts of type 'image_url' are not supported" in response.text
 
 
 async def test_fields_that_ask_for_no_tool_use_are_accepted(client: httpx.AsyncClient) -> None:
