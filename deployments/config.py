@@ -279,7 +279,9 @@ class ModelAutoscalingConfig(ScalingConfig):
         180.0,
         description="With min_replicas 0: how long the router holds a request for its first "
         "output (a replica starting, then the prefill); beyond it, 503 with Retry-After. How "
-        "many it holds is max_queued_requests.",
+        "many it holds is max_queued_requests. Not once a replica answered within "
+        "scale_to_zero_idle_s (the model cannot be at zero): a request then waits as any, up to "
+        "router.request_timeout_s.",
     )
 
 
@@ -320,7 +322,9 @@ class ModelConfig(StrictModel):
         512,
         description="Requests each router replica holds for this model while every replica is "
         "at max_ongoing_requests; beyond it a 503 with Retry-After (Serve's backpressure), "
-        "never an unbounded queue.",
+        "never an unbounded queue. Serve also counts requests still being routed (for a moment "
+        "after they arrive) as queued: a bound of a few can refuse part of a burst that free "
+        "slots would take.",
     )
     cpus_per_worker: NonNegativeFloat = Field(
         1.0, description="Logical CPUs reserved per tensor/pipeline worker in the placement group."
@@ -537,7 +541,8 @@ class RouterConfig(StrictModel):
     request_timeout_s: PositiveFloat = Field(
         600.0,
         description="Deadline of one request, queueing included; beyond it a 504 (or an error "
-        "event once streaming) and the engine request is aborted.",
+        "event once streaming) and the engine request is aborted. A request body must arrive "
+        "within it too, else a 408.",
     )
     graceful_shutdown_timeout_s: PositiveFloat | None = Field(
         None,

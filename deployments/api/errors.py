@@ -1,9 +1,9 @@
 """OpenAI's error envelope: every error body is {"error": {"message", "type", "param", "code"}}.
 
 Status discipline (DESIGN.md): client mistakes are 4xx and never 5xx (SDKs retry 5xx, multiplying
-load); overload is 429/503 with Retry-After; a deadline is 504 (DESIGN allows 408 too, but here
-it is always the server, never the client's upload, that runs out of time). A client that hangs
-up mid-upload is a 499 that only the access log and metrics see.
+load); overload is 429/503 with Retry-After; a deadline is 504 when the server ran out of time,
+408 when the client's upload did (its body not in within the request's deadline). A client that
+hangs up mid-upload is a 499 that only the access log and metrics see.
 """
 
 from __future__ import annotations
@@ -83,6 +83,17 @@ def client_closed_request() -> APIError:
         499,
         "The client closed the connection before the request body arrived.",
         code="client_closed_request",
+    )
+
+
+def body_timeout(timeout_s: float) -> APIError:
+    # The client's upload stalled: a few such connections held every router slot (Serve's
+    # max_ongoing_requests) while the rest got 503s.
+    return APIError(
+        408,
+        f"The request body did not arrive within {timeout_s:g} s.",
+        type="timeout",
+        code="request_body_timeout",
     )
 
 

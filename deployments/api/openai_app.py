@@ -27,6 +27,7 @@ from deployments.api.auth import Authenticator, Caller
 from deployments.api.errors import (
     APIError,
     bad_request,
+    body_timeout,
     client_closed_request,
     from_validation_error,
     internal_error,
@@ -122,6 +123,8 @@ class ServedModel:
     created: int = field(default_factory=lambda: int(time.time()))
     # Whether the chat template handles the developer role (deployments/api/chat.py).
     developer_role: bool = field(init=False)
+    # When a request's first output last came (the event loop's clock); None: never here.
+    last_output_s: float | None = None
 
     def __post_init__(self) -> None:
         self.developer_role = chat.supports_developer_role(self.tokenizer.chat_template)
@@ -196,6 +199,15 @@ def chat_logprobs(items: Sequence[TokenLogprob]) -> ChatLogprobs:
 
 
 Parsed = TypeVar("Parsed", bound=BaseModel)
+
+
+def _surely_up(served: ServedModel, now: float) -> bool:
+    """A replica of the model ran within its idle period: it cannot have gone to zero since (the
+    period restarts with every request), so a request that waits is queued behind busy
+    replicas, under the request deadline, not held for a cold start (whose shorter bound sent
+    503s "starting from zero" for a burst on a warm model)."""
+    idle_s = served.config.autoscaling.scale_to_zero_idle_s
+    return served.last_output_s is not None and now - served.last_output_s < idle_s
 
 
 class OpenAIApp:
@@ -394,14 +406,19 @@ class OpenAIApp:
             raise too_large(limit)
         chunks: list[bytes] = []
         size = 0
+        deadline_s = self._config.request_timeout_s
         try:
-            async for chunk in request.stream():  # bounded read: never buffer more than the limit
-                size += len(chunk)
-                if size > limit:
-                    raise too_large(limit)
-                chunks.append(chunk)
+            # The upload has the request's deadline too: a stalled one held a router slot.
+            async with asyncio.timeout(deadline_s):
+                async for chunk in request.stream():  # bounded: never more than the limit
+                    size += len(chunk)
+                    if size > limit:
+                        raise too_large(limit)
+                    chunks.append(chunk)
         except ClientDisconnect:
             raise client_closed_request() from None
+        except TimeoutError:
+            raise body_timeout(deadline_s) from None
         data = parse_json_object(b"".join(chunks), self._config.limits.max_json_depth)
         try:
             return model.model_validate(data, context=self._config.limits)
@@ -481,7 +498,7 @@ class OpenAIApp:
         # a 503 with Retry-After instead of hanging until the request deadline.
         scaling = served.config.autoscaling
         hold_until = deadline
-        if scaling.enabled and not scaling.min_replicas:
+        if scaling.enabled and not scaling.min_replicas and not _surely_up(served, now):
             hold_until = min(deadline, now + scaling.cold_start_timeout_s)
         for attempt in range(1, self._config.retry_attempts + 1):
             stream = served.backend.generate(request)
@@ -495,6 +512,8 @@ class OpenAIApp:
                             batch = await anext(stream, None)
                     if batch is None:
                         return
+                    if not started:
+                        served.last_output_s = asyncio.get_running_loop().time()
                     started = True
                     observe_outputs(batch)
                     yield batch

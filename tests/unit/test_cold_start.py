@@ -83,3 +83,17 @@ async def test_beyond_the_hold_503_with_retry_after_and_the_request_is_dropped(
     assert set(error) == {"message", "type", "param", "code"}
     assert "no replica ready after 0.3 s" in error["message"]
     assert backend.cancelled == 1  # the waiting handle call is cancelled, not left queued
+
+
+async def test_a_model_that_just_served_queues_its_requests_under_the_deadline(
+    embedded_model: Path,
+) -> None:
+    """Once a replica answered within the idle period the model is up: a request that waits
+    longer than the hold (queued behind busy replicas) is served, not a 503 "starting from
+    zero" (every request of a scale-to-zero model had the cold start's bound)."""
+    api, backend = await app(embedded_model, start_delay_s=0.0)
+    assert (await post(api, stream=False)).status_code == 200  # the model is up
+    backend.start_delay_s = 3 * HOLD_S  # now a busy replica, not a cold start
+    response = await post(api, stream=True)
+    assert response.status_code == 200, response.text
+    assert backend.cancelled == 0

@@ -68,7 +68,9 @@ def test_the_python_proxy_needs_no_environment() -> None:
 
 
 def test_ray_renders_our_retries_into_a_config_haproxy_accepts(tmp_path: Path) -> None:
-    config = IngressConfig(retries=2, max_retried_body_bytes=128 * 1024)
+    config = IngressConfig(
+        retries=2, max_retried_body_bytes=128 * 1024, request_receive_timeout_s=30
+    )
     text, binary = render_ray_haproxy_config(ingress.ray_env(config), tmp_path)
 
     defaults = section(text, "defaults")
@@ -77,6 +79,7 @@ def test_ray_renders_our_retries_into_a_config_haproxy_accepts(tmp_path: Path) -
     assert "option redispatch 1" in defaults  # Ray's: each retry goes to another replica
     # Without it HAProxy drops its copy of a request whose body came after its headers.
     assert "option http-buffer-request" in defaults
+    assert "timeout http-request 30s" in defaults  # a stalled upload holds no connection for long
     assert "tune.bufsize 131072" in section(text, "global")
 
     check = subprocess.run(

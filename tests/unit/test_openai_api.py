@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 from collections.abc import AsyncIterator
@@ -486,6 +487,23 @@ async def test_unknown_route_is_404_in_openai_shape(client: httpx.AsyncClient) -
     assert_error(await client.get("/v2/whatever"), 404)
 
 
+# An ASGI POST to the chat endpoint, for tests that drive the body's arrival themselves.
+CHAT_SCOPE = {
+    "type": "http",
+    "asgi": {"version": "3.0"},
+    "http_version": "1.1",
+    "method": "POST",
+    "scheme": "http",
+    "path": CHAT,
+    "raw_path": CHAT.encode(),
+    "query_string": b"",
+    "root_path": "",
+    "headers": [(b"content-type", b"application/json")],
+    "client": ("127.0.0.1", 1),
+    "server": ("test", 80),
+}
+
+
 async def test_client_gone_mid_upload_is_499_not_an_error(
     embedded_model: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
@@ -502,23 +520,35 @@ async def test_client_gone_mid_upload_is_499_not_an_error(
     async def send(message: dict[str, Any]) -> None:
         sent.append(message)
 
-    scope = {
-        "type": "http",
-        "asgi": {"version": "3.0"},
-        "http_version": "1.1",
-        "method": "POST",
-        "scheme": "http",
-        "path": CHAT,
-        "raw_path": CHAT.encode(),
-        "query_string": b"",
-        "root_path": "",
-        "headers": [(b"content-type", b"application/json")],
-        "client": ("127.0.0.1", 1),
-        "server": ("test", 80),
-    }
     async with simulated_app(embedded_model, RouterConfig()) as (_, _, api):
         with caplog.at_level(logging.WARNING):
-            await api.app(scope, receive, send)
+            await api.app(CHAT_SCOPE, receive, send)
     assert sent[0]["type"] == "http.response.start" and sent[0]["status"] == 499
     assert json.loads(sent[1]["body"])["error"]["code"] == "client_closed_request"
     assert not caplog.records
+
+
+async def test_a_stalled_upload_gets_a_408_within_the_request_deadline(
+    embedded_model: Path,
+) -> None:
+    """A client that sends part of its body and stalls: a 408 once request_timeout_s has
+    passed (it waited for the body forever, holding one of the router's slots)."""
+    received: list[dict[str, Any]] = [
+        {"type": "http.request", "body": b'{"model": "tiny", "mess', "more_body": True},
+    ]
+    sent: list[dict[str, Any]] = []
+
+    async def receive() -> dict[str, Any]:
+        if received:
+            return received.pop(0)
+        await asyncio.sleep(3600)  # the rest of the body never comes
+        raise AssertionError("unreachable")
+
+    async def send(message: dict[str, Any]) -> None:
+        sent.append(message)
+
+    async with simulated_app(embedded_model, RouterConfig(request_timeout_s=0.2)) as (_, _, api):
+        await asyncio.wait_for(api.app(CHAT_SCOPE, receive, send), timeout=30)
+    assert sent[0]["type"] == "http.response.start" and sent[0]["status"] == 408
+    error = json.loads(sent[1]["body"])["error"]
+    assert error["code"] == "request_body_timeout" and "within 0.2 s" in error["message"]
