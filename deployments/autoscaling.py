@@ -516,15 +516,13 @@ def _kv_floor(metrics: ScalingMetrics, config: ScalingConfig) -> int:
 
 def _repeats_last(state: PolicyState, decision: Decision) -> bool:
     """The decision holds at the same capacity limit as the last recorded one: recorded (logged,
-    published) once, not on every control-loop tick while the cluster stays full."""
+    published) once, not on every control-loop tick while the cluster stays full. What the load
+    asks for beyond it is not compared: its noise (3 one tick, 2 the next) made every tick a new
+    record, and the holds pushed the real decisions out of `status`."""
     if not state.history:
         return False
     last = state.history[-1]
-    return (last.capacity_limited, last.target, last.desired) == (
-        True,
-        decision.target,
-        decision.desired,
-    )
+    return last.capacity_limited and last.target == decision.target
 
 
 def _starting_not_stuck(starting_since_s: float | None, now: float) -> bool:

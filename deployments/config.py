@@ -284,6 +284,23 @@ class ModelAutoscalingConfig(ScalingConfig):
         "router.request_timeout_s.",
     )
 
+    @model_validator(mode="after")
+    def _zero_settings_need_zero(self) -> ModelAutoscalingConfig:
+        # Compared with the defaults, not model_fields_set: a config dumped whole and loaded
+        # again (Serve's policy kwargs) sets every field.
+        fields = type(self).model_fields
+        zero_only = [
+            name
+            for name in ("cold_start_timeout_s", "scale_to_zero_idle_s")
+            if getattr(self, name) != fields[name].default
+        ]
+        if zero_only and self.min_replicas > 0:
+            raise ValueError(
+                f"{' and '.join(zero_only)} apply only with min_replicas 0 (it is "
+                f"{self.min_replicas}): set min_replicas: 0, or remove them"
+            )
+        return self
+
 
 class ModelConfig(StrictModel):
     """One served model: its own LLMServer deployment with `num_replicas` engines."""

@@ -316,6 +316,9 @@ def test_a_capacity_limit_is_recorded_once_not_every_tick() -> None:
         (2, 5, 10),
         (5, 6, 10),
     ]
+    for load in [70, 100] * 25:  # a noisy load asks for 7, then 10: still the same limit
+        run.tick(load=load, capacity=6)
+    assert len(run.state.history) == 2
 
 
 def test_bounds() -> None:
@@ -616,6 +619,13 @@ def test_replicas_that_fit_packs_bundles() -> None:
         ({"kv_usage_threshold": 0}, "greater than 0"),
         ({"look_back_period_s": 1, "metrics_interval_s": 1}, "longer than metrics_interval_s"),
         ({"targt_per_replica": 3}, "Extra inputs"),
+        # Ignored without a word before: the model never goes to zero.
+        ({"scale_to_zero_idle_s": 10}, "scale_to_zero_idle_s apply only with min_replicas 0"),
+        (
+            {"min_replicas": 2, "scale_to_zero_idle_s": 10, "cold_start_timeout_s": 5},
+            "cold_start_timeout_s and scale_to_zero_idle_s apply only with min_replicas 0 "
+            r"\(it is 2\)",
+        ),
     ],
 )
 def test_config_errors_name_the_problem(fields: dict[str, Any], message: str) -> None:
