@@ -80,6 +80,25 @@ API_MAX_MODEL_LEN = 1024
 CHAT, CMPL = "/v1/chat/completions", "/v1/completions"
 
 
+def asgi_post_scope(path: str) -> dict[str, Any]:
+    """The ASGI scope of a JSON POST to `path`, for tests that drive `receive` themselves (a
+    body that stalls, a client that leaves)."""
+    return {
+        "type": "http",
+        "asgi": {"version": "3.0"},
+        "http_version": "1.1",
+        "method": "POST",
+        "scheme": "http",
+        "path": path,
+        "raw_path": path.encode(),
+        "query_string": b"",
+        "root_path": "",
+        "headers": [(b"content-type", b"application/json")],
+        "client": ("127.0.0.1", 1),
+        "server": ("test", 80),
+    }
+
+
 def chat(content: str = "Hello there", **extra: Any) -> dict[str, Any]:
     """A chat request for the API model: one user message, then `extra` (which may replace it)."""
     return {"model": API_MODEL, "messages": [{"role": "user", "content": content}], **extra}

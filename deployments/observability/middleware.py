@@ -71,14 +71,25 @@ class ObservedApp:
             http_request_id=headers.get("x-request-id"),
         )
         status = 500  # what the client gets if the app fails before answering
+        answered = left = False
 
         async def observed_send(message: Message) -> None:
-            nonlocal status
+            nonlocal status, answered
             if message["type"] == "http.response.start":
                 status = message["status"]
                 content_type = dict(message.get("headers", [])).get(b"content-type", b"")
                 record.stream = content_type.startswith(b"text/event-stream")
+            elif message["type"] == "http.response.body" and not message.get("more_body"):
+                answered = True
             await send(message)
+
+        async def observed_receive() -> Message:
+            nonlocal left
+            message = await receive()
+            # A client gone mid-stream: Starlette's streaming response stops on this message and
+            # returns normally, with no cancellation to see.
+            left = left or (message["type"] == "http.disconnect" and not answered)
+            return message
 
         token = records.set_current(record)
         with (
@@ -91,7 +102,7 @@ class ObservedApp:
             request_tracer(self._tracer),
         ):
             try:
-                await self._app(scope, receive, observed_send)
+                await self._app(scope, observed_receive, observed_send)
             except asyncio.CancelledError:
                 # Serve cancels the request's task when its client goes away: nginx's 499, as
                 # Serve counts it, not the 500 of an app that failed (a client that gives up
@@ -99,6 +110,8 @@ class ObservedApp:
                 status = CLIENT_CLOSED_REQUEST
                 raise
             finally:
+                if left:
+                    status = CLIENT_CLOSED_REQUEST
                 records.reset_current(token)
                 record.finish(status)
                 _annotate(span, record)

@@ -22,6 +22,7 @@ from tests.support import (
     CHAT,
     CMPL,
     EngineBackend,
+    asgi_post_scope,
     assert_error,
     chat,
     cmpl,
@@ -487,23 +488,6 @@ async def test_unknown_route_is_404_in_openai_shape(client: httpx.AsyncClient) -
     assert_error(await client.get("/v2/whatever"), 404)
 
 
-# An ASGI POST to the chat endpoint, for tests that drive the body's arrival themselves.
-CHAT_SCOPE = {
-    "type": "http",
-    "asgi": {"version": "3.0"},
-    "http_version": "1.1",
-    "method": "POST",
-    "scheme": "http",
-    "path": CHAT,
-    "raw_path": CHAT.encode(),
-    "query_string": b"",
-    "root_path": "",
-    "headers": [(b"content-type", b"application/json")],
-    "client": ("127.0.0.1", 1),
-    "server": ("test", 80),
-}
-
-
 async def test_client_gone_mid_upload_is_499_not_an_error(
     embedded_model: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
@@ -522,7 +506,7 @@ async def test_client_gone_mid_upload_is_499_not_an_error(
 
     async with simulated_app(embedded_model, RouterConfig()) as (_, _, api):
         with caplog.at_level(logging.WARNING):
-            await api.app(CHAT_SCOPE, receive, send)
+            await api.app(asgi_post_scope(CHAT), receive, send)
     assert sent[0]["type"] == "http.response.start" and sent[0]["status"] == 499
     assert json.loads(sent[1]["body"])["error"]["code"] == "client_closed_request"
     assert not caplog.records
@@ -548,7 +532,7 @@ async def test_a_stalled_upload_gets_a_408_within_the_request_deadline(
         sent.append(message)
 
     async with simulated_app(embedded_model, RouterConfig(request_timeout_s=0.2)) as (_, _, api):
-        await asyncio.wait_for(api.app(CHAT_SCOPE, receive, send), timeout=30)
+        await asyncio.wait_for(api.app(asgi_post_scope(CHAT), receive, send), timeout=30)
     assert sent[0]["type"] == "http.response.start" and sent[0]["status"] == 408
     error = json.loads(sent[1]["body"])["error"]
     assert error["code"] == "request_body_timeout" and "within 0.2 s" in error["message"]

@@ -6,6 +6,7 @@ every latency the defaults allow fits a histogram bucket."""
 from __future__ import annotations
 
 import asyncio
+import json
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -20,12 +21,15 @@ from deployments.engines.base import EngineOutput, EngineRequest
 from deployments.engines.simulated import SimulatedEngine
 from deployments.observability.config import AccessLogConfig, TracingConfig
 from deployments.observability.metrics import E2E_MS_BOUNDARIES, TTFT_MS_BOUNDARIES
+from deployments.observability.middleware import ObservedApp
 from deployments.observability.record import RequestRecord
 from deployments.observability.tracing import tracer, tracer_provider
 from tests.support import (
     API_MAX_MODEL_LEN,
     API_MODEL,
+    CMPL,
     EngineBackend,
+    asgi_post_scope,
     observed_client,
     parse_sse,
     simulated_app,
@@ -91,6 +95,38 @@ async def test_a_client_that_leaves_is_a_499(embedded_model: Path) -> None:
             with pytest.raises(asyncio.CancelledError):
                 await request
             assert finished[-1].status == 499, stream
+
+
+async def test_a_stream_the_client_left_is_a_499_not_a_200(embedded_model: Path) -> None:
+    """A client gone mid-stream reaches the app as an `http.disconnect`: Starlette's streaming
+    response then stops and returns normally, with no cancellation, and the request counted as
+    a 200 (in the metrics behind the 5xx alert, the span and the access log)."""
+    finished: list[RequestRecord] = []
+
+    class Sink:
+        def request_finished(self, record: RequestRecord) -> None:
+            finished.append(record)
+
+    request = {"type": "http.request", "body": json.dumps(body(stream=True)).encode()}
+    first_chunk = asyncio.Event()
+
+    async def receive() -> dict[str, Any]:
+        if request:
+            message = dict(request)
+            request.clear()
+            return message
+        await first_chunk.wait()
+        return {"type": "http.disconnect"}
+
+    async def send(message: dict[str, Any]) -> None:
+        if message["type"] == "http.response.body" and message.get("body"):
+            first_chunk.set()
+
+    async with simulated_app(embedded_model, RouterConfig(), HangsAfterFirstOutput) as (_, _, api):
+        router_tracer = tracer(tracer_provider(TracingConfig(), "router"))
+        app = ObservedApp(api.app, router_tracer, Sink(), AccessLogConfig(enabled=False))
+        await asyncio.wait_for(app(asgi_post_scope(CMPL), receive, send), timeout=30)
+    assert first_chunk.is_set() and finished[-1].status == 499
 
 
 async def test_a_refusal_of_a_served_model_counts_under_it(embedded_model: Path) -> None:
