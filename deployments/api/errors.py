@@ -112,13 +112,25 @@ def internal_error(message: str = "The server had an error processing the reques
 
 
 def from_validation_error(error: ValidationError) -> APIError:
-    """The first pydantic error as a 400, with `param` the dotted path of the bad field."""
-    first = error.errors(include_url=False)[0]
+    """The first bad field's error as a 400, with `param` the dotted path of the bad field.
+
+    A union field (a prompt: text, token ids, ...) has an error per member, the text member's
+    first: "Input should be a valid string" for token ids of which one is negative. The one that
+    went deepest into the value names what is wrong with it; at equal depth a broken constraint
+    says more than a type that did not match."""
+    errors = error.errors(include_url=False)
+    field = errors[0]["loc"][:1]
+    first = max(
+        (e for e in errors if e["loc"][:1] == field),
+        key=lambda e: (len(e["loc"]), not e["type"].endswith("_type")),
+    )
     # Union members add their type names to the path (e.g. messages.0.str); keep only field names
     # and indexes, which is what a client can act on.
     path = [str(p) for p in first["loc"] if isinstance(p, int) or not _is_type_tag(str(p))]
     param = ".".join(path) or None
-    message = first["msg"] if param is None else f"{param}: {first['msg']}"
+    # Our validators' messages without pydantic's "Value error, " in front.
+    reason = first["msg"].removeprefix("Value error, ")
+    message = reason if param is None else f"{param}: {reason}"
     return bad_request(message, param=param)
 
 

@@ -254,7 +254,7 @@ BAD_REQUESTS = [
     (CHAT, chat(stop=[""]), 400, "stop"),
     (CHAT, chat(stop=[str(i) for i in range(17)]), 400, "stop"),
     (CHAT, chat(stop="x" * 1025), 400, "stop"),
-    (CHAT, chat(stop=[1, 2]), 400, "stop"),
+    (CHAT, chat(stop=[1, 2]), 400, "stop.0"),
     (CHAT, chat(stop_token_ids=[-1]), 400, "stop_token_ids.0"),
     (CHAT, chat(stop_token_ids=[10**9]), 400, "stop_token_ids"),
     (CHAT, chat(stop_token_ids=list(range(17))), 400, "stop_token_ids"),
@@ -315,9 +315,9 @@ BAD_REQUESTS = [
     (CMPL, cmpl([]), 400, "prompt"),
     (CMPL, cmpl([[1], [2]]), 400, "prompt"),
     (CMPL, cmpl([10**9]), 400, "prompt"),
-    (CMPL, cmpl([-1]), 400, "prompt"),
-    (CMPL, cmpl([True, False]), 400, "prompt"),
-    (CMPL, cmpl([1.5]), 400, "prompt"),
+    (CMPL, cmpl([-1]), 400, "prompt.0"),
+    (CMPL, cmpl([True, False]), 400, "prompt.0"),
+    (CMPL, cmpl([1.5]), 400, "prompt.0"),
     # unknown model
     (CHAT, {**chat(), "model": "gpt-9"}, 404, "model"),
     (CMPL, cmpl(model="../../etc/passwd"), 404, "model"),
@@ -342,6 +342,18 @@ async def test_unknown_stream_options_are_ignored_as_openai_and_vllm_do(
     response = await client.post(CHAT, json=chat(max_tokens=2, stream=True, stream_options=options))
     assert response.status_code == 200, response.text
     assert '"usage"' in response.text
+
+
+async def test_a_bad_token_id_is_named_not_the_text_prompt_it_is_not(
+    client: httpx.AsyncClient,
+) -> None:
+    """The prompt is a union (text, token ids, texts): its first error was the text member's,
+    "Input should be a valid string", for token ids with a negative one."""
+    response = await client.post(CMPL, json=cmpl([5, -1]))
+    assert_error(response, 400, "prompt.1")
+    assert "prompt.1: Input should be greater than or equal to 0" in response.text
+    response = await client.post(CMPL, json=cmpl([[1], [2]]))
+    assert "prompt: exactly one prompt per request is supported" in response.text
 
 
 async def test_a_content_part_of_another_type_is_named_in_the_error(
