@@ -114,16 +114,18 @@ def internal_error(message: str = "The server had an error processing the reques
 def from_validation_error(error: ValidationError) -> APIError:
     """The first bad field's error as a 400, with `param` the dotted path of the bad field.
 
-    A union field (a prompt: text, token ids, ...) has an error per member, the text member's
-    first: "Input should be a valid string" for token ids of which one is negative. The one that
-    went deepest into the value names what is wrong with it; at equal depth a broken constraint
-    says more than a type that did not match."""
+    A union field (a prompt: text, token ids, texts, ...) has errors for each of its members,
+    the text member's first: "Input should be a valid string" for token ids of which one is
+    negative. The member with the fewest errors is the one the client meant (deepest first at
+    a tie: it got furthest into the value), and its first error names what is wrong."""
     errors = error.errors(include_url=False)
     field = errors[0]["loc"][:1]
-    first = max(
-        (e for e in errors if e["loc"][:1] == field),
-        key=lambda e: (len(e["loc"]), not e["type"].endswith("_type")),
-    )
+    members: dict[str | None, list[Any]] = {}
+    for e in errors:
+        if e["loc"][:1] == field:
+            tag = next((str(p) for p in e["loc"] if isinstance(p, str) and _is_type_tag(p)), None)
+            members.setdefault(tag, []).append(e)
+    first = min(members.values(), key=lambda group: (len(group), -len(group[0]["loc"])))[0]
     # Union members add their type names to the path (e.g. messages.0.str); keep only field names
     # and indexes, which is what a client can act on.
     path = [str(p) for p in first["loc"] if isinstance(p, int) or not _is_type_tag(str(p))]
