@@ -19,6 +19,7 @@ EXIT_CONFIG = 2
 EXIT_DEPLOY = 3
 EXIT_INTERRUPTED = 130  # a shell's code for a process ended by Ctrl-C
 EXIT_RAY_STOPPED = 1  # Ray's processes stopped under `serve`: in-flight requests were lost
+EXIT_APP_GONE = 1  # the app was taken off the cluster under `serve`: nothing left to serve
 # Ray's processes share `serve`'s process group, and a signal sent to the whole group stops them
 # at once. A terminal's Ctrl-C is harmless (they ignore SIGINT), systemd's SIGTERM is not.
 RAY_STOPPED_HINT = "a SIGTERM to the whole process group? under systemd, set KillMode=mixed"
@@ -146,6 +147,7 @@ def _serve(args: argparse.Namespace) -> int:
         _check_port_free(http)
 
     started = time.monotonic()
+    app_gone = False
     print(f"config: {path}", flush=True)
     app_config = config.app_config()  # generates the embedded model on first use
     runtime.start_ray(config)
@@ -208,8 +210,12 @@ def _serve(args: argparse.Namespace) -> int:
     except runtime.RayStopped as exc:  # the replicas went with Ray: their requests were cut
         print(f"error: {exc}; requests in flight were lost ({RAY_STOPPED_HINT})", file=sys.stderr)
         return EXIT_RAY_STOPPED
+    except runtime.AppGone as exc:
+        app_gone = True
+        print(f"error: {exc} while `serve` served it; stopping", file=sys.stderr)
+        return EXIT_APP_GONE
     finally:
-        _stop(joined=config.ray.address is not None)
+        _stop(joined=config.ray.address is not None, app_gone=app_gone)
 
 
 def _report_health(last: str) -> str:
@@ -225,14 +231,16 @@ def _report_health(last: str) -> str:
     return health
 
 
-def _stop(*, joined: bool) -> None:
+def _stop(*, joined: bool, app_gone: bool = False) -> None:
     """Serve's shutdown, then Ray's. One more signal cuts Serve's shutdown short (a local Ray's
     stop takes the replicas down anyway); none interrupts Ray's stop, which leaves no processes
-    behind only if it finishes."""
+    behind only if it finishes. A joined cluster's app that is gone already is left alone (its
+    controller may be gone too); a local Serve still shuts down, which finds nothing if so."""
     from cluster import runtime
 
     try:
-        runtime.stop_app(joined=joined)
+        if not (joined and app_gone):
+            runtime.stop_app(joined=joined)
     except KeyboardInterrupt:
         _ignore_signals()  # at once: a third signal must not escape either
         left = "the app may still be on the cluster" if joined else "Ray's stop ends the replicas"

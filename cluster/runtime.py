@@ -63,6 +63,10 @@ class RayStopped(RuntimeError):
     """Ray's GCS no longer answers this driver: Ray's processes stopped under it."""
 
 
+class AppGone(RuntimeError):
+    """The app was taken off the cluster under `serve` (`serve shutdown`, a delete elsewhere)."""
+
+
 def start_ray(config: ClusterConfig) -> None:
     """Join `ray.address`, or start a local Ray that ends with this process.
 
@@ -288,13 +292,16 @@ def _serve_instance(timeout_s: float) -> ServeInstanceDetails | None:
 def app_health(timeout_s: float = STATUS_TIMEOUT_S) -> str | None:
     """The app's health: "RUNNING", or its status with each deployment's (a replica that failed
     its health check makes its deployment UNHEALTHY until Serve has replaced it); None when
-    Serve's controller did not answer within timeout_s."""
+    Serve's controller did not answer within timeout_s. AppGone once the app is being deleted
+    or is gone, or Serve's controller with it."""
     try:
         app = serve_status(timeout_s).applications.get(APP_NAME)
     except ray.exceptions.GetTimeoutError:
         return None
-    if app is None:  # deleted from the cluster by someone else (`serve shutdown`)
-        return "gone: the application is no longer on this Ray cluster"
+    except ray.exceptions.RayActorError:  # the controller was killed: `serve shutdown`
+        raise AppGone("Serve was shut down on this Ray cluster") from None
+    if app is None or app.status == "DELETING":
+        raise AppGone("the application was deleted from this Ray cluster")
     if app.status == "RUNNING":
         return "RUNNING"
     return f"{str(getattr(app.status, 'value', app.status)).lower()}: {_pending_detail(app)}"

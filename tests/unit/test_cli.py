@@ -280,6 +280,51 @@ def test_serve_reports_the_app_turning_unhealthy_and_running_again(
     ]
 
 
+@pytest.mark.parametrize("joined", [False, True])
+@pytest.mark.parametrize("how", ["controller killed", "app deleted"])
+def test_an_app_taken_off_the_cluster_ends_serve(
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    signal_handlers: None,
+    capsys: pytest.CaptureFixture[str],
+    joined: bool,
+    how: str,
+) -> None:
+    """`serve shutdown` (or a delete) from another driver while `serve` serves: it says so and
+    exits 1, and leaves a joined cluster's Serve alone (the health check let the controller's
+    ActorDiedError escape as a traceback)."""
+    shut_down = fake_serve(monkeypatch, app_status="RUNNING")
+    monkeypatch.setattr(cli, "RAY_CHECK_INTERVAL_S", 0.01)
+    monkeypatch.setattr(runtime.serve, "_run", lambda *a, **k: None)
+    monkeypatch.setattr(runtime, "_serve_instance", lambda timeout_s: None)  # the banner's call
+    running = types.SimpleNamespace(
+        applications={runtime.APP_NAME: types.SimpleNamespace(status="RUNNING", deployments={})}
+    )
+    answers = iter([running, running])  # the deploy wait, one health check
+
+    def serve_status(timeout_s: float) -> types.SimpleNamespace:
+        if (answer := next(answers, None)) is not None:
+            return answer
+        if how == "controller killed":
+            raise ray.exceptions.RayActorError()
+        return types.SimpleNamespace(applications={})
+
+    monkeypatch.setattr(runtime, "serve_status", serve_status)
+    checks = itertools.count(1)
+
+    def sigterm_if_still_serving() -> None:  # a `serve` that missed it must not run forever
+        if next(checks) == 50:
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    monkeypatch.setattr(runtime, "check_ray_alive", sigterm_if_still_serving)
+    argv = ["serve", "--config", str(write_config(tmp_path))]
+    argv += ["--address", "10.0.0.1:6379"] if joined else ["--port", str(runtime.free_port())]
+    assert main(argv) == 1
+    assert shut_down == (["ray"] if joined else ["serve", "ray"])
+    said = {"controller killed": "Serve was shut down", "app deleted": "application was deleted"}
+    assert said[how] in capsys.readouterr().err
+
+
 def ray_lost() -> None:
     raise runtime.RayStopped("Ray's GCS did not answer for 20 s")
 
