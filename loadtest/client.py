@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import math
 import random
 import re
 import sys
@@ -30,7 +31,7 @@ from tqdm import tqdm
 
 from deployments.tokenizer import PromptTokenizer
 from loadtest.arrivals import ArrivalPlan, schedule
-from loadtest.metrics import first_missed_window, settled_records
+from loadtest.metrics import SloWindows
 from loadtest.spec import RequestRecord, Session, Turn
 from loadtest.workloads import encode_continuation
 
@@ -407,13 +408,18 @@ async def run_load(
         )
         watch = None
         if stop_at_slo_miss is not None:
-            watch = asyncio.create_task(_stop_at_slo_miss(client, load, stop_at_slo_miss))
+            # Up to the last arrival the schedule has (and the run sends), if it has one.
+            until_s = min(times[-1] if times else math.inf, runner.deadline_s)
+            windows = SloWindows(stop_at_slo_miss.window_s, stop_at_slo_miss.ttft_s, until_s)
+            watch = asyncio.create_task(_stop_at_slo_miss(client, load, windows))
         try:
             await load  # cancelled with this task by a Ctrl-C, or by `watch`
         except asyncio.CancelledError:
             total = sum(len(s.turns) for s in scheduled)
             not_sent = total - len(client.records) - client.cut
-            if watch is not None and watch.done() and not watch.cancelled():
+            # A Ctrl-C is one whatever the watch found while the requests were being cut.
+            interrupted = (task := asyncio.current_task()) is not None and task.cancelling() > 0
+            if not interrupted and watch is not None and watch.done() and not watch.cancelled():
                 return LoadRun(
                     client.records,
                     client.now(),
@@ -432,16 +438,13 @@ async def run_load(
 SLO_WATCH_INTERVAL_S = 0.5
 
 
-async def _stop_at_slo_miss(client: LoadClient, load: asyncio.Task[None], slo: SloWatch) -> int:
-    """Cancels `load` at the first window that missed the SLO for certain; returns its index.
-    Windows that met it for good (closed, every request ended) are not read again: records are
-    in send order, so they are a prefix."""
-    settled = 0
+async def _stop_at_slo_miss(
+    client: LoadClient, load: asyncio.Task[None], windows: SloWindows
+) -> int:
+    """Cancels `load` at the first window that missed the SLO for certain; returns its index."""
     while True:
         await asyncio.sleep(SLO_WATCH_INTERVAL_S)
-        now, recent = client.now(), client.records[settled:]
-        missed = first_missed_window(recent, now, slo.window_s, slo.ttft_s)
+        missed = windows.first_missed(client.records, client.now())
         if missed is not None:
             load.cancel()
             return missed
-        settled += settled_records(recent, now, slo.window_s)

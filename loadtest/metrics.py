@@ -153,48 +153,60 @@ def window_ttft_p95(
     return [nearest_rank(ttfts, 95) if ttfts else None for ttfts in buckets]
 
 
-def first_missed_window(
-    records: Sequence[RequestRecord], now_s: float, window_s: float, slo_ttft_s: float
-) -> int | None:
-    """The first window of request start times (as `window_ttft_p95` has them) that has closed
-    by `now_s` and whose TTFT p95 is over `slo_ttft_s` whatever its requests still in flight do
-    next; None while no window has certainly missed.
+class SloWindows:
+    """A run's windows of request starts (as `window_ttft_p95` has them), judged against a TTFT
+    p95 objective while the run goes on: `first_missed` names the first window that has missed
+    it for certain, whatever its requests still in flight do next.
 
-    A record in flight has `end_s` 0 and the chunk times it has had so far. It is certainly over
-    the SLO once its first token came later than the SLO, or none has come that long after its
-    start; one with an early first token may still fail, so it counts as not over. A window of n
-    requests misses when at least n minus the p95's index of them are over: the p95 is then one
-    of them."""
-    closed = int(now_s // window_s)
-    sent, over = [0] * closed, [0] * closed
-    for record in records:
-        window = int(record.start_s // window_s)
-        if window >= closed:
-            continue
-        sent[window] += 1
-        over[window] += _over_slo(record, now_s, slo_ttft_s)
-    return next(
-        (w for w in range(closed) if sent[w] and over[w] >= sent[w] - _rank_index(sent[w], 95)),
-        None,
-    )
+    Judged: the windows that have closed and end by `until_s` (the schedule's last arrival: a
+    trailing window of one or two requests is noise, which `loadtest capacity`'s verdict leaves
+    out too). A record in flight has `end_s` 0 and the chunk times it has had so far; it is
+    certainly over the SLO once its first token came later than the SLO, or none has come that
+    long after its start. One with an early first token may still fail, so it counts as not
+    over. A window of n requests misses when at least n minus the p95's index of them are over:
+    the p95 is then one of them. A window whose requests have all ended within it is settled and
+    not read again, so a long run costs a check of its recent windows only."""
+
+    def __init__(self, window_s: float, slo_ttft_s: float, until_s: float = math.inf) -> None:
+        self.window_s = window_s
+        self.slo_ttft_s = slo_ttft_s
+        self.until_s = until_s
+        self._open: dict[int, list[RequestRecord]] = {}  # judged windows not settled yet
+        self._taken = 0  # how many of the run's records are in those windows (or settled)
+
+    def first_missed(self, records: Sequence[RequestRecord], now_s: float) -> int | None:
+        """`records`: the run's records so far, in start order (each call sees the same list,
+        grown)."""
+        judged = int(min(now_s, self.until_s) // self.window_s)
+        while self._taken < len(records):
+            window = int(records[self._taken].start_s // self.window_s)
+            if window >= judged:
+                break
+            self._open.setdefault(window, []).append(records[self._taken])
+            self._taken += 1
+        for window in sorted(self._open):
+            requests = self._open[window]
+            over = sum(_over_slo(r, now_s, self.slo_ttft_s) for r in requests)
+            if over >= len(requests) - _rank_index(len(requests), 95):
+                return window
+            if all(r.end_s > 0.0 for r in requests):
+                del self._open[window]
+        return None
+
+
+def first_missed_window(
+    records: Sequence[RequestRecord],
+    now_s: float,
+    window_s: float,
+    slo_ttft_s: float,
+    until_s: float = math.inf,
+) -> int | None:
+    """`SloWindows.first_missed` of a run's records at one moment."""
+    return SloWindows(window_s, slo_ttft_s, until_s).first_missed(records, now_s)
 
 
 def _over_slo(record: RequestRecord, now_s: float, slo_ttft_s: float) -> bool:
-    if record.end_s > 0.0:  # ended: a failed request's TTFT is infinite
-        lat = latencies(record)
-        return lat is None or lat.ttft_s > slo_ttft_s
+    if record.end_s > 0.0 and not completed(record):  # failed: an infinite TTFT
+        return True
     first = record.token_times_s[0] if record.token_times_s else now_s
     return first - record.start_s > slo_ttft_s
-
-
-def settled_records(records: Sequence[RequestRecord], now_s: float, window_s: float) -> int:
-    """How many of `records` (in start order) lead in windows that have closed by `now_s` with
-    every request ended: what `first_missed_window` says of them can no longer change."""
-    closed = int(now_s // window_s)
-    count = 0
-    for window, group in itertools.groupby(records, key=lambda r: int(r.start_s // window_s)):
-        ended = list(group)
-        if window >= closed or any(r.end_s <= 0.0 for r in ended):
-            break
-        count += len(ended)
-    return count

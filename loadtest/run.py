@@ -82,9 +82,10 @@ def register(subparsers: Any) -> None:
         type=finite_positive_float,
         default=None,
         metavar="WINDOW_S",
-        help="End the run as soon as a WINDOW_S window of request starts has missed "
-        "--slo-ttft-ms at p95 for certain (a failed request counts as an infinite TTFT); the "
-        "requests in flight are cut, the rest not sent (`loadtest capacity` uses it).",
+        help="End the run as soon as a WINDOW_S window of request starts (one that ends by "
+        "the schedule's last arrival) has missed --slo-ttft-ms at p95 for certain (a failed "
+        "request counts as an infinite TTFT); the requests in flight are cut, the rest not sent "
+        "(`loadtest capacity` uses it).",
     )
     output.add_argument(
         "--no-progress", action="store_true", help="No progress bar on stderr while running."

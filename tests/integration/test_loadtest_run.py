@@ -420,6 +420,40 @@ def test_a_run_stops_at_the_first_window_that_missed_its_slo() -> None:
     assert len(result.records) + result.cut_at_slo_miss + result.not_sent == 100
 
 
+def test_a_ctrl_c_is_reported_as_one_even_if_the_slo_watch_then_finds_a_miss() -> None:
+    """The watch runs on while a Ctrl-C cuts the requests in flight; here the cut takes a second,
+    in which window 0 misses. That was reported as a stop at the miss (exit 0 or 1, so that
+    `capacity` went on to its next probe) instead of an interrupt."""
+
+    async def handler(request: httpx.Request) -> httpx.Response:
+        try:
+            await asyncio.sleep(60)  # nothing answers
+        except asyncio.CancelledError:
+            await asyncio.sleep(1.0)  # and closing a stream takes a moment
+            raise
+        raise AssertionError("unreachable")
+
+    async def ctrl_c_at(seconds: float) -> client.LoadRun:
+        run = asyncio.create_task(
+            run_load(
+                "http://test",
+                "sim",
+                [one_turn(i) for i in range(100)],
+                ArrivalPlan("constant", rate=10.0),
+                progress=False,
+                stop_at_slo_miss=client.SloWatch(ttft_s=0.3, window_s=1.0),
+                transport=httpx.MockTransport(handler),
+            )
+        )
+        await asyncio.sleep(seconds)
+        run.cancel()  # what asyncio.run does with its task on Ctrl-C
+        return await run
+
+    result = asyncio.run(ctrl_c_at(0.7))
+    assert result.cut_by_interrupt and result.slo_missed_window is None
+    assert result.cut_by_interrupt + result.not_sent == 100
+
+
 def test_report_writes_json_plots_and_series(tmp_path: Path) -> None:
     records = [
         RequestRecord(0, "a", 0, 0.0, 0.0, 0.5, 200, 10, 3, 4, [0.1, 0.2, 0.4]),

@@ -8,11 +8,11 @@ import random
 import pytest
 
 from loadtest.metrics import (
+    SloWindows,
     distribution,
     first_missed_window,
     latencies,
     nearest_rank,
-    settled_records,
     summarize,
     window_ttft_p95,
 )
@@ -254,8 +254,22 @@ def test_a_miss_found_early_holds_for_the_finished_run(seed: int) -> None:
     assert first_missed_window(finished, now, 2.0, 2.0) == first_over
 
 
-def test_settled_records_are_the_closed_windows_with_every_request_ended() -> None:
-    records = [record(0.5, [0.6]), record(1.5, [1.6]), in_flight(2.5), record(3.5, [3.6])]
-    assert settled_records(records, 5.0, 1.0) == 2  # window 2 has a request in flight
-    assert settled_records(records, 1.9, 1.0) == 1  # window 1 has not closed
-    assert settled_records([], 5.0, 1.0) == 0
+def test_a_trailing_window_past_the_last_arrival_is_not_judged() -> None:
+    """A capacity probe's last request starts at the end of its hold, alone in a window the
+    probe's verdict leaves out; one late answer there stopped the run as a miss."""
+    records = [record(0.25 * i, [0.25 * i + 0.1]) for i in range(12)]  # 3 s at 4/s, fast
+    records.append(in_flight(3.0))  # the last arrival, waiting
+    assert first_missed_window(records, 5.0, 1.0, 0.5) == 3
+    assert first_missed_window(records, 5.0, 1.0, 0.5, until_s=3.0) is None
+
+
+def test_settled_windows_are_not_read_again() -> None:
+    """A window whose requests all ended within the SLO cannot miss later: it is dropped, and
+    later calls read only the windows still open (the watch runs on the run's event loop)."""
+    records = [record(0.5, [0.6]), record(1.5, [1.6]), in_flight(2.5)]
+    windows = SloWindows(window_s=1.0, slo_ttft_s=2.0)
+    assert windows.first_missed(records, 3.0) is None
+    records[0].error = "changed"  # would miss window 0, were its settled record read again
+    records.append(record(3.5, [9.0]))  # window 3: TTFT 5.5 s
+    assert windows.first_missed(records, 4.0) == 3
+    assert first_missed_window(records, 4.0, 1.0, 2.0) == 0  # a fresh look reads it
