@@ -122,12 +122,12 @@ def render_file(config: ClusterConfig, config_name: str, base_path: Path | None 
 
 
 def _in_image(model: ModelConfig) -> ModelConfig:
-    """`model` as the pods run it: autoscaled, not capped at the nodes' free resources (below);
-    its paths as the pods see them: the image's embedded model, and `~/...` again for a path
-    under this machine's home. Loading the config expanded a `~` to the renderer's home, which
-    the pods (user `ray`) do not have; a path under it, written with `~` or not, can only mean
-    the same path under the pod's home, where the pod's Serve expands `~` again. A home of `/`
-    (a container without one) would turn every absolute path into `~/...`: left alone."""
+    """`model` as the pods run it: if autoscaled, not capped at the nodes' free resources
+    (below); its paths as the pods see them: the image's embedded model, and `~/...` again for
+    a path under this machine's home. Loading the config expanded a `~` to the renderer's home,
+    which the pods (user `ray`) do not have; a path under it, written with `~` or not, can only
+    mean the same path under the pod's home, where the pod's Serve expands `~` again. A home of
+    `/` (a container without one) would turn every absolute path into `~/...`: left alone."""
     home = Path.home()
     updates: dict[str, str] = {}
     for field in ("source", "tokenizer"):

@@ -330,7 +330,7 @@ async def _cancel_and_wait(tasks: Sequence[asyncio.Task[None]]) -> None:
 
 class SloWatch(NamedTuple):
     """Ends a run once a window of request starts has missed a TTFT p95 objective for certain
-    (`first_missed_window`): what the rest of an overloaded run would measure no longer counts,
+    (`metrics.SloWindows`): what the rest of an overloaded run would measure no longer counts,
     and its queue would take minutes to drain."""
 
     ttft_s: float
