@@ -116,8 +116,9 @@ def from_validation_error(error: ValidationError) -> APIError:
 
     A union field (a prompt: text, token ids, texts, ...) has errors for each of its members,
     the text member's first: "Input should be a valid string" for token ids of which one is
-    negative. The member with the fewest errors is the one the client meant (deepest first at
-    a tie: it got furthest into the value), and its first error names what is wrong."""
+    negative. Named instead: a member whose shape the value has (its errors lie inside the
+    value, not on it), the one that got deepest into the value, then the one with the fewest
+    errors; the first error when no member fits."""
     errors = error.errors(include_url=False)
     field = errors[0]["loc"][:1]
     members: dict[str | None, list[Any]] = {}
@@ -125,7 +126,16 @@ def from_validation_error(error: ValidationError) -> APIError:
         if e["loc"][:1] == field:
             tag = next((str(p) for p in e["loc"] if isinstance(p, str) and _is_type_tag(p)), None)
             members.setdefault(tag, []).append(e)
-    first = min(members.values(), key=lambda group: (len(group), -len(group[0]["loc"])))[0]
+    fitting = [
+        group
+        for tag, group in members.items()
+        if tag is None or not any(e["loc"][-1] == tag for e in group)
+    ]
+    first = (
+        min(fitting, key=lambda group: (-len(group[0]["loc"]), len(group)))[0]
+        if fitting
+        else errors[0]
+    )
     # Union members add their type names to the path (e.g. messages.0.str); keep only field names
     # and indexes, which is what a client can act on.
     path = [str(p) for p in first["loc"] if isinstance(p, int) or not _is_type_tag(str(p))]

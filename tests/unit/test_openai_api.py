@@ -254,7 +254,7 @@ BAD_REQUESTS = [
     (CHAT, chat(stop=[""]), 400, "stop"),
     (CHAT, chat(stop=[str(i) for i in range(17)]), 400, "stop"),
     (CHAT, chat(stop="x" * 1025), 400, "stop"),
-    (CHAT, chat(stop=[1, 2]), 400, "stop"),
+    (CHAT, chat(stop=[1, 2]), 400, "stop.0"),
     (CHAT, chat(stop_token_ids=[-1]), 400, "stop_token_ids.0"),
     (CHAT, chat(stop_token_ids=[10**9]), 400, "stop_token_ids"),
     (CHAT, chat(stop_token_ids=list(range(17))), 400, "stop_token_ids"),
@@ -316,7 +316,7 @@ BAD_REQUESTS = [
     (CMPL, cmpl([[1], [2]]), 400, "prompt"),
     (CMPL, cmpl([10**9]), 400, "prompt"),
     (CMPL, cmpl([-1]), 400, "prompt.0"),
-    (CMPL, cmpl([True, False]), 400, "prompt"),
+    (CMPL, cmpl([True, False]), 400, "prompt.0"),
     (CMPL, cmpl([1.5]), 400, "prompt.0"),
     # unknown model
     (CHAT, {**chat(), "model": "gpt-9"}, 404, "model"),
@@ -348,13 +348,21 @@ async def test_a_bad_token_id_is_named_not_the_text_prompt_it_is_not(
     client: httpx.AsyncClient,
 ) -> None:
     """The prompt is a union (text, token ids, texts): its first error was the text member's,
-    "Input should be a valid string", for token ids with a negative one; the member with the
-    fewest errors is named instead."""
+    "Input should be a valid string", for token ids with a negative one; the member whose shape
+    the value has is named instead."""
     response = await client.post(CMPL, json=cmpl([5, -1]))
     assert_error(response, 400, "prompt.1")
     assert "prompt.1: Input should be greater than or equal to 0" in response.text
-    response = await client.post(CMPL, json=cmpl(["hello", "world", 7]))  # texts, one not
-    assert "prompt.2: Input should be a valid string" in response.text
+    for prompt, said in [
+        (["hello", "world", 7], "prompt.2: Input should be a valid string"),  # texts, one not
+        ([-1, -2], "prompt.0: Input should be greater than or equal to 0"),  # two bad ids
+        ([[1, -2, -3]], "prompt.0.1: Input should be greater than or equal to 0"),
+    ]:
+        assert said in (await client.post(CMPL, json=cmpl(prompt))).text, prompt
+    assert (
+        "stop.1: Input should be a valid string"
+        in (await client.post(CHAT, json=chat(stop=["a", 1, 2]))).text
+    )
     response = await client.post(CMPL, json=cmpl([[1], [2]]))
     assert "prompt: exactly one prompt per request is supported" in response.text
 
