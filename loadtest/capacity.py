@@ -54,6 +54,7 @@ OWN_FLAGS = (
     "--duration-s",
     "--slo-ttft-ms",
     "--stop-at-slo-miss",
+    "--stop-at-slo-miss-until-s",
     "--seed",
 )
 # Workloads that are not one request per scheduled arrival: a multi-turn session's later turns
@@ -227,8 +228,10 @@ def run_probe(args: argparse.Namespace, shared: list[str], rate: float, seed: in
         argv += ["--replicas", str(args.replicas)]
     else:
         # A rate over capacity is known to fail at its first missed window: the rest of the
-        # hold, and the queue it leaves, would take minutes more of real time.
+        # hold, and the queue it leaves, would take minutes more of real time. Only the
+        # windows this verdict reads count (the one after the hold holds the last request).
         argv += ["--no-progress", "--stop-at-slo-miss", f"{args.window_s:g}"]
+        argv += ["--stop-at-slo-miss-until-s", f"{args.hold_s:g}"]
     # Poisson arrivals rescaled so that the last one is at requests / rate: the hold.
     argv += ["--out", str(out), "--rate", repr(rate), "--num-requests", str(requests)]
     argv += ["--slo-ttft-ms", f"{args.slo_ttft_ms:g}", "--seed", str(seed), *shared]

@@ -335,6 +335,7 @@ class SloWatch(NamedTuple):
 
     ttft_s: float
     window_s: float
+    until_s: float = math.inf  # only windows that end by then count (see SloWindows)
 
 
 class LoadRun(NamedTuple):
@@ -408,9 +409,8 @@ async def run_load(
         )
         watch = None
         if stop_at_slo_miss is not None:
-            # Up to the last arrival the schedule has (and the run sends), if it has one.
-            until_s = min(times[-1] if times else math.inf, runner.deadline_s)
-            windows = SloWindows(stop_at_slo_miss.window_s, stop_at_slo_miss.ttft_s, until_s)
+            slo = stop_at_slo_miss
+            windows = SloWindows(slo.ttft_s, slo.window_s, slo.until_s)
             watch = asyncio.create_task(_stop_at_slo_miss(client, load, windows))
         try:
             await load  # cancelled with this task by a Ctrl-C, or by `watch`

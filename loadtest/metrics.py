@@ -158,18 +158,18 @@ class SloWindows:
     p95 objective while the run goes on: `first_missed` names the first window that has missed
     it for certain, whatever its requests still in flight do next.
 
-    Judged: the windows that have closed and end by `until_s` (the schedule's last arrival: a
-    trailing window of one or two requests is noise, which `loadtest capacity`'s verdict leaves
-    out too). A record in flight has `end_s` 0 and the chunk times it has had so far; it is
+    Judged: the windows that have closed and end by `until_s` (`loadtest capacity` passes its
+    hold: the window after it holds the last request or two, which its verdict leaves out as
+    noise). A record in flight has `end_s` 0 and the chunk times it has had so far; it is
     certainly over the SLO once its first token came later than the SLO, or none has come that
     long after its start. One with an early first token may still fail, so it counts as not
     over. A window of n requests misses when at least n minus the p95's index of them are over:
     the p95 is then one of them. A window whose requests have all ended within it is settled and
     not read again, so a long run costs a check of its recent windows only."""
 
-    def __init__(self, window_s: float, slo_ttft_s: float, until_s: float = math.inf) -> None:
-        self.window_s = window_s
+    def __init__(self, slo_ttft_s: float, window_s: float, until_s: float = math.inf) -> None:
         self.slo_ttft_s = slo_ttft_s
+        self.window_s = window_s
         self.until_s = until_s
         self._open: dict[int, list[RequestRecord]] = {}  # judged windows not settled yet
         self._taken = 0  # how many of the run's records are in those windows (or settled)
@@ -202,7 +202,7 @@ def first_missed_window(
     until_s: float = math.inf,
 ) -> int | None:
     """`SloWindows.first_missed` of a run's records at one moment."""
-    return SloWindows(window_s, slo_ttft_s, until_s).first_missed(records, now_s)
+    return SloWindows(slo_ttft_s, window_s, until_s).first_missed(records, now_s)
 
 
 def _over_slo(record: RequestRecord, now_s: float, slo_ttft_s: float) -> bool:

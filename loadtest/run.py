@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import functools
+import math
 import os
 import shlex
 import sys
@@ -82,10 +83,17 @@ def register(subparsers: Any) -> None:
         type=finite_positive_float,
         default=None,
         metavar="WINDOW_S",
-        help="End the run as soon as a WINDOW_S window of request starts (one that ends by "
-        "the schedule's last arrival) has missed --slo-ttft-ms at p95 for certain (a failed "
-        "request counts as an infinite TTFT); the requests in flight are cut, the rest not sent "
-        "(`loadtest capacity` uses it).",
+        help="End the run as soon as a WINDOW_S window of request starts has missed "
+        "--slo-ttft-ms at p95 for certain (a failed request counts as an infinite TTFT); the "
+        "requests in flight are cut, the rest not sent (`loadtest capacity` uses it).",
+    )
+    output.add_argument(
+        "--stop-at-slo-miss-until-s",
+        type=finite_positive_float,
+        default=None,
+        metavar="S",
+        help="With --stop-at-slo-miss: only windows that end by S seconds count (`loadtest "
+        "capacity` passes its hold; default: every window).",
     )
     output.add_argument(
         "--no-progress", action="store_true", help="No progress bar on stderr while running."
@@ -130,6 +138,8 @@ def handle(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     try:
         if args.stop_at_slo_miss is not None and args.slo_ttft_ms is None:
             raise ValueError("--stop-at-slo-miss needs --slo-ttft-ms")
+        if args.stop_at_slo_miss_until_s is not None and args.stop_at_slo_miss is None:
+            raise ValueError("--stop-at-slo-miss-until-s needs --stop-at-slo-miss")
         plan = build_arrivals(args)
         tokenizer = PromptTokenizer(args.tokenizer or str(ensure_embedded_model()))
         sessions = build_workload(args, tokenizer.vocab_size, tokenizer)
@@ -160,7 +170,11 @@ def handle(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
             seed=args.seed,
             stop_at_slo_miss=None
             if args.stop_at_slo_miss is None
-            else SloWatch(args.slo_ttft_ms / 1000.0, args.stop_at_slo_miss),
+            else SloWatch(
+                args.slo_ttft_ms / 1000.0,
+                args.stop_at_slo_miss,
+                args.stop_at_slo_miss_until_s or math.inf,
+            ),
         )
     )
     summary = {

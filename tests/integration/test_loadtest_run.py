@@ -379,14 +379,19 @@ def test_ctrl_c_amid_think_times_and_streams_accounts_for_every_turn(
     assert len(result.records) + result.cut_by_interrupt + result.not_sent == 24
 
 
-def watched_run(handler: Handler) -> Coroutine[Any, Any, client.LoadRun]:
-    """100 requests at 10/s to `handler`, stopped at the first 1 s window that missed a TTFT p95
-    of 0.3 s."""
+TEN_PER_SECOND = ArrivalPlan("constant", rate=10.0)
+
+
+def watched_run(
+    handler: Handler, plan: ArrivalPlan = TEN_PER_SECOND
+) -> Coroutine[Any, Any, client.LoadRun]:
+    """100 requests to `handler` (at 10/s by default), stopped at the first 1 s window that
+    missed a TTFT p95 of 0.3 s."""
     return run_load(
         "http://test",
         "sim",
         [one_turn(i) for i in range(100)],
-        ArrivalPlan("constant", rate=10.0),
+        plan,
         progress=False,
         stop_at_slo_miss=client.SloWatch(ttft_s=0.3, window_s=1.0),
         transport=httpx.MockTransport(handler),
@@ -413,6 +418,23 @@ def test_a_run_stops_at_the_first_window_that_missed_its_slo() -> None:
     assert result.cut_at_slo_miss and result.cut_at_slo_miss >= 8  # window 1's, at least
     assert result.not_sent > 0
     assert len(result.records) + result.cut_at_slo_miss + result.not_sent == 100
+
+
+def test_a_run_that_sends_everything_at_once_stops_too() -> None:
+    """`--rate inf` (the default): every arrival at 0 s. A horizon at the schedule's last arrival
+    judged no window at all, and the run waited out its requests."""
+    answered = 0
+
+    async def handler(request: httpx.Request) -> httpx.Response:
+        nonlocal answered
+        if answered == 10:
+            await asyncio.sleep(60)
+        answered += 1
+        return httpx.Response(200, content=completion_stream(["a"], 3))
+
+    result = asyncio.run(watched_run(handler, ArrivalPlan("poisson")))
+    assert result.slo_missed_window == 0 and result.cut_at_slo_miss == 90
+    assert len(result.records) == 10 and result.not_sent == 0
 
 
 def test_a_ctrl_c_is_reported_as_one_even_if_the_slo_watch_then_finds_a_miss() -> None:

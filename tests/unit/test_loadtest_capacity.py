@@ -209,6 +209,8 @@ def test_a_probe_stopped_at_an_slo_miss_is_not_sustained(
     code, result = capacity(tmp_path, *flags, "--resolution=1.5")
     assert code == 0
     assert all(argv[argv.index("--stop-at-slo-miss") + 1] == "2" for argv in runs)
+    # Only the windows of the hold count, as in this command's own verdict.
+    assert all(argv[argv.index("--stop-at-slo-miss-until-s") + 1] == "4" for argv in runs)
     assert [(p["rate"], p["sustained"]) for p in result["probes"]] == [(1.0, True), (2.5, False)]
     assert result["probes"][1]["stopped_at_window_s"] == 2.0
     assert "not sustained (stopped: the window from 2 s missed)" in capsys.readouterr().out
