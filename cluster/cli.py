@@ -147,7 +147,6 @@ def _serve(args: argparse.Namespace) -> int:
         _check_port_free(http)
 
     started = time.monotonic()
-    app_gone = False
     print(f"config: {path}", flush=True)
     app_config = config.app_config()  # generates the embedded model on first use
     runtime.start_ray(config)
@@ -211,11 +210,10 @@ def _serve(args: argparse.Namespace) -> int:
         print(f"error: {exc}; requests in flight were lost ({RAY_STOPPED_HINT})", file=sys.stderr)
         return EXIT_RAY_STOPPED
     except runtime.AppGone as exc:
-        app_gone = True
         print(f"error: {exc} while `serve` served it; stopping", file=sys.stderr)
         return EXIT_APP_GONE
     finally:
-        _stop(joined=config.ray.address is not None, app_gone=app_gone)
+        _stop(joined=config.ray.address is not None)
 
 
 def _report_health(last: str) -> str:
@@ -231,16 +229,14 @@ def _report_health(last: str) -> str:
     return health
 
 
-def _stop(*, joined: bool, app_gone: bool = False) -> None:
+def _stop(*, joined: bool) -> None:
     """Serve's shutdown, then Ray's. One more signal cuts Serve's shutdown short (a local Ray's
     stop takes the replicas down anyway); none interrupts Ray's stop, which leaves no processes
-    behind only if it finishes. A joined cluster's app that is gone already is left alone (its
-    controller may be gone too); a local Serve still shuts down, which finds nothing if so."""
+    behind only if it finishes."""
     from cluster import runtime
 
     try:
-        if not (joined and app_gone):
-            runtime.stop_app(joined=joined)
+        runtime.stop_app(joined=joined)
     except KeyboardInterrupt:
         _ignore_signals()  # at once: a third signal must not escape either
         left = "the app may still be on the cluster" if joined else "Ray's stop ends the replicas"

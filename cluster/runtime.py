@@ -202,13 +202,16 @@ def stop_app(joined: bool) -> None:
 
     On the local Ray, Serve itself shuts down (each replica's __del__ stops its engine). On a
     cluster joined with --address only this app goes: Serve, its proxies and the other apps
-    there are the cluster's (Serve's own `serve run` shuts all of Serve down)."""
+    there are the cluster's (Serve's own `serve run` shuts all of Serve down). An app deleted
+    from elsewhere already is no error: Serve's delete skips a missing app."""
     try:
         check_ray_alive()
     except RayStopped:
         return  # said where it was found; stop_ray ends what is left of the local Ray
     if joined:
-        serve.delete(APP_NAME)
+        # A controller killed (`serve shutdown` from elsewhere) took the app with it.
+        with contextlib.suppress(ray.exceptions.RayActorError):
+            serve.delete(APP_NAME)
     else:
         serve.shutdown()
 
@@ -250,13 +253,19 @@ def wait_until_running(
     out a deploy that can take deploy_timeout_s)."""
     deadline = time.monotonic() + timeout_s
     last = ""
+    seen = False  # the app was on the cluster: gone again, it was deleted
     while True:
         try:
             app = serve_status(STATUS_TIMEOUT_S).applications.get(APP_NAME)
         except ray.exceptions.GetTimeoutError:
             check_ray_alive()  # RayStopped if it is the whole local Ray that is gone (OOM killer)
             app, detail = None, f"Serve's controller did not answer within {STATUS_TIMEOUT_S:g} s"
+        except ray.exceptions.RayActorError:  # the controller was killed: `serve shutdown`
+            raise DeployError("Serve was shut down on this Ray cluster during the deploy") from None
         else:
+            if (seen and app is None) or (app is not None and app.status == "DELETING"):
+                raise DeployError("the application was deleted from this Ray cluster")
+            seen = seen or app is not None
             detail = _pending_detail(app)
         status = app.status if app else "NOT_STARTED"
         if status == "RUNNING":
@@ -313,8 +322,8 @@ def ingress_options(requested: HTTPConfig) -> HTTPConfig:
     ready banner printed --port's URL where nothing listened."""
     try:
         instance = _serve_instance(STATUS_TIMEOUT_S)
-    except ray.exceptions.GetTimeoutError:  # a slow controller: the banner shows --port
-        return requested
+    except (ray.exceptions.GetTimeoutError, ray.exceptions.RayActorError):
+        return requested  # a slow (or killed) controller: the banner shows --port
     if instance is None or instance.http_options is None:
         return requested
     listening = {"host": instance.http_options.host, "port": instance.http_options.port}

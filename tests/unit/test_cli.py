@@ -294,6 +294,12 @@ def test_an_app_taken_off_the_cluster_ends_serve(
     exits 1, and leaves a joined cluster's Serve alone (the health check let the controller's
     ActorDiedError escape as a traceback)."""
     shut_down = fake_serve(monkeypatch, app_status="RUNNING")
+    if how == "controller killed":  # the app's delete on a joined cluster meets it too
+
+        def delete(name: str) -> None:
+            raise ray.exceptions.RayActorError()
+
+        monkeypatch.setattr(runtime.serve, "delete", delete)
     monkeypatch.setattr(cli, "RAY_CHECK_INTERVAL_S", 0.01)
     monkeypatch.setattr(runtime.serve, "_run", lambda *a, **k: None)
     monkeypatch.setattr(runtime, "_serve_instance", lambda timeout_s: None)  # the banner's call
@@ -320,9 +326,44 @@ def test_an_app_taken_off_the_cluster_ends_serve(
     argv = ["serve", "--config", str(write_config(tmp_path))]
     argv += ["--address", "10.0.0.1:6379"] if joined else ["--port", str(runtime.free_port())]
     assert main(argv) == 1
-    assert shut_down == (["ray"] if joined else ["serve", "ray"])
+    if not joined:
+        assert shut_down == ["serve", "ray"]
+    elif how == "app deleted":  # Serve's delete of a missing app does nothing
+        assert shut_down == [f"delete {runtime.APP_NAME}", "ray"]
+    else:  # the killed controller's error is not raised past the delete
+        assert shut_down == ["ray"]
     said = {"controller killed": "Serve was shut down", "app deleted": "application was deleted"}
     assert said[how] in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("how", ["controller killed", "app deleted"])
+def test_an_app_taken_off_the_cluster_during_the_deploy_wait_is_a_deploy_error(
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    signal_handlers: None,
+    capsys: pytest.CaptureFixture[str],
+    how: str,
+) -> None:
+    """The killed controller's ActorDiedError escaped as a traceback; a deleted app was waited
+    for until deploy_timeout_s, as "waiting for the application to start"."""
+    shut_down = fake_serve(monkeypatch, app_status="DEPLOYING")
+    monkeypatch.setattr(runtime.serve, "_run", lambda *a, **k: None)
+    deploying = types.SimpleNamespace(status="DEPLOYING", message="", deployments={})
+    answers = iter([deploying])
+
+    def serve_status(timeout_s: float) -> types.SimpleNamespace:
+        if (app := next(answers, None)) is not None:
+            return types.SimpleNamespace(applications={runtime.APP_NAME: app})
+        if how == "controller killed":
+            raise ray.exceptions.RayActorError()
+        return types.SimpleNamespace(applications={})
+
+    monkeypatch.setattr(runtime, "serve_status", serve_status)
+    argv = ["serve", "--config", str(write_config(tmp_path)), "--port", str(runtime.free_port())]
+    assert main(argv) == cli.EXIT_DEPLOY
+    said = {"controller killed": "Serve was shut down", "app deleted": "application was deleted"}
+    assert said[how] in capsys.readouterr().err
+    assert shut_down == ["serve", "ray"]
 
 
 def ray_lost() -> None:
