@@ -194,17 +194,6 @@ class SloWindows:
         return None
 
 
-def first_missed_window(
-    records: Sequence[RequestRecord],
-    now_s: float,
-    window_s: float,
-    slo_ttft_s: float,
-    until_s: float = math.inf,
-) -> int | None:
-    """`SloWindows.first_missed` of a run's records at one moment."""
-    return SloWindows(slo_ttft_s, window_s, until_s).first_missed(records, now_s)
-
-
 def _over_slo(record: RequestRecord, now_s: float, slo_ttft_s: float) -> bool:
     if record.end_s > 0.0 and not completed(record):  # failed: an infinite TTFT
         return True

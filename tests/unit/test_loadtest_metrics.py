@@ -10,7 +10,6 @@ import pytest
 from loadtest.metrics import (
     SloWindows,
     distribution,
-    first_missed_window,
     latencies,
     nearest_rank,
     summarize,
@@ -214,16 +213,16 @@ def test_a_window_misses_once_its_p95_is_over_whatever_the_rest_do() -> None:
     failed = record(1.9, [], status=503, error="overloaded")
     fast = record(2.0, [2.2])
     waiting = in_flight(9.0)  # no token yet
-    assert first_missed_window([*base, late, fast], 12.0, 10.0, 2.0) is None
-    assert first_missed_window([*base, late, failed], 12.0, 10.0, 2.0) == 0
-    assert first_missed_window([*base, late, waiting], 10.5, 10.0, 2.0) is None  # waited 1.5 s
-    assert first_missed_window([*base, late, waiting], 11.5, 10.0, 2.0) == 0  # waited 2.5 s
+    assert SloWindows(2.0, 10.0).first_missed([*base, late, fast], 12.0) is None
+    assert SloWindows(2.0, 10.0).first_missed([*base, late, failed], 12.0) == 0
+    assert SloWindows(2.0, 10.0).first_missed([*base, late, waiting], 10.5) is None  # waited 1.5 s
+    assert SloWindows(2.0, 10.0).first_missed([*base, late, waiting], 11.5) == 0  # waited 2.5 s
     # A window still open is not judged: more requests may start in it.
-    assert first_missed_window([*base, late, failed], 9.9, 10.0, 2.0) is None
+    assert SloWindows(2.0, 10.0).first_missed([*base, late, failed], 9.9) is None
     # The first window that missed, not a later one.
     later = [record(10.0 + 0.1 * i, [10.0 + 0.1 * i + 3.0]) for i in range(5)]
-    assert first_missed_window([*base, late, failed, *later], 25.0, 10.0, 2.0) == 0
-    assert first_missed_window([*base, late, fast, *later], 25.0, 10.0, 2.0) == 1
+    assert SloWindows(2.0, 10.0).first_missed([*base, late, failed, *later], 25.0) == 0
+    assert SloWindows(2.0, 10.0).first_missed([*base, late, fast, *later], 25.0) == 1
 
 
 @pytest.mark.parametrize("seed", range(20))
@@ -250,8 +249,8 @@ def test_a_miss_found_early_holds_for_the_finished_run(seed: int) -> None:
     p95s = window_ttft_p95(finished, 2.0 * int(now // 2.0), 2.0)
     over = [w for w, p in enumerate(p95s) if p is not None and p > 2.0]
     first_over = over[0] if over else None
-    assert first_missed_window(records, now, 2.0, 2.0) == first_over
-    assert first_missed_window(finished, now, 2.0, 2.0) == first_over
+    assert SloWindows(2.0, 2.0).first_missed(records, now) == first_over
+    assert SloWindows(2.0, 2.0).first_missed(finished, now) == first_over
 
 
 def test_a_trailing_window_past_the_last_arrival_is_not_judged() -> None:
@@ -259,8 +258,8 @@ def test_a_trailing_window_past_the_last_arrival_is_not_judged() -> None:
     probe's verdict leaves out; one late answer there stopped the run as a miss."""
     records = [record(0.25 * i, [0.25 * i + 0.1]) for i in range(12)]  # 3 s at 4/s, fast
     records.append(in_flight(3.0))  # the last arrival, waiting
-    assert first_missed_window(records, 5.0, 1.0, 0.5) == 3
-    assert first_missed_window(records, 5.0, 1.0, 0.5, until_s=3.0) is None
+    assert SloWindows(0.5, 1.0).first_missed(records, 5.0) == 3
+    assert SloWindows(0.5, 1.0, 3.0).first_missed(records, 5.0) is None
 
 
 def test_settled_windows_are_not_read_again() -> None:
@@ -272,4 +271,4 @@ def test_settled_windows_are_not_read_again() -> None:
     records[0].error = "changed"  # would miss window 0, were its settled record read again
     records.append(record(3.5, [9.0]))  # window 3: TTFT 5.5 s
     assert windows.first_missed(records, 4.0) == 3
-    assert first_missed_window(records, 4.0, 1.0, 2.0) == 0  # a fresh look reads it
+    assert SloWindows(2.0, 1.0).first_missed(records, 4.0) == 0  # a fresh look reads it
