@@ -280,8 +280,28 @@ def test_serve_reports_the_app_turning_unhealthy_and_running_again(
     ]
 
 
+# How an app leaves the cluster under `serve`, and what `serve` then says.
+TAKEN_OFF = {"controller killed": "Serve was shut down", "app deleted": "application was deleted"}
+
+
+def taken_off_after(monkeypatch: pytest.MonkeyPatch, statuses: list[str], how: str) -> None:
+    """Serve's controller reports the app in `statuses`, one per call, then the app is off the
+    cluster: the controller killed (`serve shutdown`), or the app deleted."""
+    answers = iter(statuses)
+
+    def serve_status(timeout_s: float) -> types.SimpleNamespace:
+        if (status := next(answers, None)) is not None:
+            app = types.SimpleNamespace(status=status, message="", deployments={})
+            return types.SimpleNamespace(applications={runtime.APP_NAME: app})
+        if how == "controller killed":
+            raise ray.exceptions.RayActorError()
+        return types.SimpleNamespace(applications={})
+
+    monkeypatch.setattr(runtime, "serve_status", serve_status)
+
+
 @pytest.mark.parametrize("joined", [False, True])
-@pytest.mark.parametrize("how", ["controller killed", "app deleted"])
+@pytest.mark.parametrize("how", sorted(TAKEN_OFF))
 def test_an_app_taken_off_the_cluster_ends_serve(
     tmp_path: Path,
     monkeypatch: pytest.MonkeyPatch,
@@ -303,19 +323,7 @@ def test_an_app_taken_off_the_cluster_ends_serve(
     monkeypatch.setattr(cli, "RAY_CHECK_INTERVAL_S", 0.01)
     monkeypatch.setattr(runtime.serve, "_run", lambda *a, **k: None)
     monkeypatch.setattr(runtime, "_serve_instance", lambda timeout_s: None)  # the banner's call
-    running = types.SimpleNamespace(
-        applications={runtime.APP_NAME: types.SimpleNamespace(status="RUNNING", deployments={})}
-    )
-    answers = iter([running, running])  # the deploy wait, one health check
-
-    def serve_status(timeout_s: float) -> types.SimpleNamespace:
-        if (answer := next(answers, None)) is not None:
-            return answer
-        if how == "controller killed":
-            raise ray.exceptions.RayActorError()
-        return types.SimpleNamespace(applications={})
-
-    monkeypatch.setattr(runtime, "serve_status", serve_status)
+    taken_off_after(monkeypatch, ["RUNNING", "RUNNING"], how)  # the deploy wait, one check
     checks = itertools.count(1)
 
     def sigterm_if_still_serving() -> None:  # a `serve` that missed it must not run forever
@@ -332,11 +340,10 @@ def test_an_app_taken_off_the_cluster_ends_serve(
         assert shut_down == [f"delete {runtime.APP_NAME}", "ray"]
     else:  # the killed controller's error is not raised past the delete
         assert shut_down == ["ray"]
-    said = {"controller killed": "Serve was shut down", "app deleted": "application was deleted"}
-    assert said[how] in capsys.readouterr().err
+    assert TAKEN_OFF[how] in capsys.readouterr().err
 
 
-@pytest.mark.parametrize("how", ["controller killed", "app deleted"])
+@pytest.mark.parametrize("how", sorted(TAKEN_OFF))
 def test_an_app_taken_off_the_cluster_during_the_deploy_wait_is_a_deploy_error(
     tmp_path: Path,
     monkeypatch: pytest.MonkeyPatch,
@@ -348,21 +355,10 @@ def test_an_app_taken_off_the_cluster_during_the_deploy_wait_is_a_deploy_error(
     for until deploy_timeout_s, as "waiting for the application to start"."""
     shut_down = fake_serve(monkeypatch, app_status="DEPLOYING")
     monkeypatch.setattr(runtime.serve, "_run", lambda *a, **k: None)
-    deploying = types.SimpleNamespace(status="DEPLOYING", message="", deployments={})
-    answers = iter([deploying])
-
-    def serve_status(timeout_s: float) -> types.SimpleNamespace:
-        if (app := next(answers, None)) is not None:
-            return types.SimpleNamespace(applications={runtime.APP_NAME: app})
-        if how == "controller killed":
-            raise ray.exceptions.RayActorError()
-        return types.SimpleNamespace(applications={})
-
-    monkeypatch.setattr(runtime, "serve_status", serve_status)
+    taken_off_after(monkeypatch, ["DEPLOYING"], how)
     argv = ["serve", "--config", str(write_config(tmp_path)), "--port", str(runtime.free_port())]
     assert main(argv) == cli.EXIT_DEPLOY
-    said = {"controller killed": "Serve was shut down", "app deleted": "application was deleted"}
-    assert said[how] in capsys.readouterr().err
+    assert TAKEN_OFF[how] in capsys.readouterr().err
     assert shut_down == ["serve", "ray"]
 
 
