@@ -26,7 +26,8 @@ The rules, in order:
   up       at once to `desired` (one big step), capped by max_replicas and the cluster's capacity
   band     no change while load fits `target` replicas but not `target - 1` with the hysteresis
            margin: nothing flaps on noise around a boundary
-  down     only after the load stayed low for `downscale_delay_s`, by at most `downscale_max_step`
+  down     only after the load stayed low for `downscale_delay_s` (`downscale_delay_one_replica_s`
+           when it fits exactly one replica fewer), by at most `downscale_max_step`
            replicas, then the delay starts again; never below what the arrival rate (finished
            per second + backlog growth) needs at the per-replica throughput measured in a
            steady state with every batch near T (`rate_at_target`)
@@ -286,7 +287,7 @@ def decide(
     elif max(fits_with_margin, floor) < target:
         low_since = state.low_since_s if state.low_since_s is not None else now
         waited = now - low_since
-        delay = _delay(config, target)
+        delay = _delay(config, target, surplus=target - max(fits_with_margin, floor))
         if waited + 1e-9 >= delay:
             new = max(fits_with_margin, floor, target - config.downscale_max_step)
             direction = "down"
@@ -556,10 +557,15 @@ def _floor(config: ScalingConfig, state: PolicyState, target: int, now: float) -
     return 1
 
 
-def _delay(config: ScalingConfig, target: int) -> float:
+def _delay(config: ScalingConfig, target: int, surplus: int) -> float:
+    """How long the load must stay low before a step down from `target`, `surplus` replicas
+    more than it needs."""
     if target == 1 and isinstance(config, ModelAutoscalingConfig):
         # 1 -> 0 is governed by the idle period (checked in _floor), not the downscale delay.
         return 0.0
+    if surplus == 1 and config.downscale_delay_one_replica_s is not None:
+        # A drift sheds one replica at a time; a burst's end leaves several, and bursts recur.
+        return config.downscale_delay_one_replica_s
     return config.downscale_delay_s
 
 

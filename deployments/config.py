@@ -162,6 +162,13 @@ class ScalingConfig(StrictModel):
         description="How long the load must stay low before one scale-down step (and between "
         "steps). Scaling up never waits.",
     )
+    downscale_delay_one_replica_s: NonNegativeFloat | None = Field(
+        None,
+        description="The delay instead, when the load fits exactly one replica fewer (unset: "
+        "downscale_delay_s; at most that). A slow fall, as a diurnal evening's, sheds one replica "
+        "at a time, and a shorter delay follows it closely; a surplus of two or more (a burst "
+        "that ended, and may come back) still waits downscale_delay_s.",
+    )
     downscale_hysteresis: float = Field(
         0.2,
         ge=0.0,
@@ -184,6 +191,15 @@ class ScalingConfig(StrictModel):
         if self.max_replicas < self.min_replicas:
             raise ValueError(
                 f"max_replicas ({self.max_replicas}) is below min_replicas ({self.min_replicas})"
+            )
+        if (
+            self.downscale_delay_one_replica_s is not None
+            and self.downscale_delay_one_replica_s > self.downscale_delay_s
+        ):
+            raise ValueError(
+                f"downscale_delay_one_replica_s ({self.downscale_delay_one_replica_s:g}) is "
+                f"above downscale_delay_s ({self.downscale_delay_s:g}): a surplus of one "
+                "replica would wait longer than a larger one"
             )
         if self.look_back_period_s <= self.metrics_interval_s:
             raise ValueError("look_back_period_s must be longer than metrics_interval_s")
@@ -252,8 +268,8 @@ class ModelAutoscalingConfig(ScalingConfig):
         "times the utilization wanted (`loadtest capacity` measures the capacity and prints this "
         "value). When set, the fleet is sized on the arrival rate the replicas count (ahead of a "
         "rising rate by rate_lead_s), and target_per_replica only marks the batch above which "
-        "requests count as queued; a "
-        "downscale_hysteresis of about 0.05 suits it (the rate's noise is a few percent, where "
+        "requests count as queued. A downscale_hysteresis of 0.02 and a "
+        "downscale_delay_one_replica_s of 10 suit it (the rate's noise is a few percent, where "
         "the in-flight count swings with the batch). Unset: sized on requests in flight at "
         "target_per_replica.",
     )

@@ -117,6 +117,31 @@ def test_a_load_spike_restarts_the_downscale_delay() -> None:
     assert targets[:30] == [4] * 30 and targets[30] == 2
 
 
+@pytest.mark.parametrize(
+    ("load", "first_step_s", "to"),
+    [
+        (30, 10, 4),  # fits 4 of 5 at 10 x (1 - 0.2): one replica over, the short delay
+        (24, 30, 3),  # fits 3: a surplus of two waits the whole delay
+    ],
+)
+def test_a_one_replica_surplus_steps_down_after_its_own_delay(
+    load: float, first_step_s: int, to: int
+) -> None:
+    run = Run(CONFIG.model_copy(update={"downscale_delay_one_replica_s": 10}), target=5)
+    targets = [run.tick(load=load) for _ in range(31)]
+    assert targets[:first_step_s] == [5] * first_step_s and targets[first_step_s] == to
+    assert "of 10 s" in decide(metrics(5, 30), run.config, PolicyState(low_since_s=0), 1)[0].reason
+
+
+def test_the_last_step_of_a_fall_takes_the_short_delay() -> None:
+    """8 replicas for a load that fits 5: 8 -> 6 after 30 s (a surplus of three), then 6 -> 5
+    after 10 s (a surplus of one), then nothing more."""
+    run = Run(CONFIG.model_copy(update={"downscale_delay_one_replica_s": 10}), target=8)
+    targets = [run.tick(load=40) for _ in range(80)]
+    changes = [(t, b) for t, (a, b) in enumerate(itertools.pairwise(targets), 1) if a != b]
+    assert changes == [(30, 6), (40, 5)]
+
+
 def test_no_scale_down_while_the_last_scale_up_is_starting() -> None:
     """Regression (seen on Ray with 2 cores): replicas starting for 40 s starved the router, the
     engines' queues read low, and a 3 s delay cancelled the replicas the load had asked for."""
@@ -619,6 +644,10 @@ def test_replicas_that_fit_packs_bundles() -> None:
         ({"kv_usage_threshold": 0}, "greater than 0"),
         ({"look_back_period_s": 1, "metrics_interval_s": 1}, "longer than metrics_interval_s"),
         ({"targt_per_replica": 3}, "Extra inputs"),
+        (
+            {"downscale_delay_s": 10, "downscale_delay_one_replica_s": 20},
+            r"downscale_delay_one_replica_s \(20\) is above downscale_delay_s \(10\)",
+        ),
         # Ignored without a word before: the model never goes to zero.
         ({"scale_to_zero_idle_s": 10}, "scale_to_zero_idle_s apply only with min_replicas 0"),
         (
