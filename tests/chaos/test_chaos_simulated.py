@@ -50,10 +50,10 @@ def cluster(embedded_model: Path, metrics_port: int) -> Iterator[str]:
     with ingress_environment():
         start_local_ray(metrics_port)
     port = free_port()
-    runtime.deploy(
-        app_config(embedded_model, LLM_REPLICAS), host="127.0.0.1", port=port, timeout_s=180
-    )
     try:
+        runtime.deploy(
+            app_config(embedded_model, LLM_REPLICAS), host="127.0.0.1", port=port, timeout_s=180
+        )
         yield f"http://127.0.0.1:{port}"
     finally:
         serve.shutdown()

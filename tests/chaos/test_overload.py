@@ -47,8 +47,8 @@ def small_cluster(embedded_model: Path, metrics_port: int) -> Iterator[str]:
             )
         ],
     )
-    runtime.deploy(config, host="127.0.0.1", port=port, timeout_s=180)
     try:
+        runtime.deploy(config, host="127.0.0.1", port=port, timeout_s=180)
         yield f"http://127.0.0.1:{port}"
     finally:
         serve.shutdown()

@@ -105,8 +105,8 @@ def served(config: AppConfig) -> Iterator[str]:
     metrics_port = free_port()
     start_local_ray(metrics_port)
     port = free_port()
-    runtime.deploy(config, host="127.0.0.1", port=port, timeout_s=180)
-    try:
+    try:  # a deploy that fails must not leave Ray up for the next module's ray.init
+        runtime.deploy(config, host="127.0.0.1", port=port, timeout_s=180)
         yield f"http://127.0.0.1:{port}"
         assert all(counts == (0, 0) for counts in engine_counts()), engine_counts()
         wait_for_no_routing_state(metrics_port)
