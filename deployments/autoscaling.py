@@ -27,7 +27,8 @@ The rules, in order:
   band     no change while load fits `target` replicas but not `target - 1` with the hysteresis
            margin: nothing flaps on noise around a boundary
   down     only after the load stayed low for `downscale_delay_s` (`downscale_delay_one_replica_s`
-           when it fits exactly one replica fewer), by at most `downscale_max_step`
+           when it fits exactly one replica fewer and the last change was a step down: a slow
+           fall, not a swing), by at most `downscale_max_step`
            replicas, then the delay starts again; never below what the arrival rate (finished
            per second + backlog growth) needs at the per-replica throughput measured in a
            steady state with every batch near T (`rate_at_target`)
@@ -164,6 +165,7 @@ class PolicyState:
     idle_since_s: float | None = None  # since when the load was exactly zero
     starting_since_s: float | None = None  # since when fewer replicas run than the target
     last_target: int | None = None  # what the policy returned last (None: never ran)
+    falling: bool = False  # the target's last change was a scale-down: a fall is under way
     backlog: float | None = None  # the backlog at the last tick, for its growth rate
     backlog_s: float | None = None  # when it was seen
     growth: float = 0.0  # the backlog's growth rate (requests/s), smoothed
@@ -207,7 +209,7 @@ def decide(
     target = metrics.target_replicas
     per_replica = config.target_per_replica
     if state.last_target == 0 and target > 0:
-        state = _record(state, _serve_cold_start(metrics, now))
+        state = replace(_record(state, _serve_cold_start(metrics, now)), falling=False)
 
     sized, sizing, state, rate_floor = _sized_load(metrics, config, state, now)
     needed = math.ceil(sized / per_replica - 1e-9)
@@ -287,7 +289,9 @@ def decide(
     elif max(fits_with_margin, floor) < target:
         low_since = state.low_since_s if state.low_since_s is not None else now
         waited = now - low_since
-        delay = _delay(config, target, surplus=target - max(fits_with_margin, floor))
+        # The surplus is the load's: a floor that stops the step short does not make a load
+        # that fell to nothing a drift of one replica.
+        delay = _delay(config, target, target - fits_with_margin, state.falling)
         if waited + 1e-9 >= delay:
             new = max(fits_with_margin, floor, target - config.downscale_max_step)
             direction = "down"
@@ -336,6 +340,8 @@ def decide(
     )
     if final != target or (capacity_limited and not _repeats_last(state, decision)):
         state = _record(state, decision)
+    if final != target:
+        state = replace(state, falling=final < target)
     return decision, replace(state, last_target=final)
 
 
@@ -557,14 +563,17 @@ def _floor(config: ScalingConfig, state: PolicyState, target: int, now: float) -
     return 1
 
 
-def _delay(config: ScalingConfig, target: int, surplus: int) -> float:
+def _delay(config: ScalingConfig, target: int, surplus: int, falling: bool) -> float:
     """How long the load must stay low before a step down from `target`, `surplus` replicas
-    more than it needs."""
+    more than it needs, `falling` if the last change was a step down."""
     if target == 1 and isinstance(config, ModelAutoscalingConfig):
         # 1 -> 0 is governed by the idle period (checked in _floor), not the downscale delay.
         return 0.0
-    if surplus == 1 and config.downscale_delay_one_replica_s is not None:
-        # A drift sheds one replica at a time; a burst's end leaves several, and bursts recur.
+    if surplus == 1 and falling and config.downscale_delay_one_replica_s is not None:
+        # A slow fall sheds one replica at a time, and each step follows it closely. A burst's
+        # end leaves several, and bursts recur: those wait the whole delay. So does the first
+        # step after a rise: a load that swings across one replica's worth within the delay
+        # would otherwise take a replica off and back every swing.
         return config.downscale_delay_one_replica_s
     return config.downscale_delay_s
 

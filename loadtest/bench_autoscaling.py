@@ -121,10 +121,12 @@ OUR_CONFIG = ModelAutoscalingConfig(enabled=True, max_replicas=MAX_REPLICAS)
 # for the rate to stay low for the whole delay. At 0.05 and 30 s for every step, diurnal cost
 # 1.203 / 1.254 / 1.210x on seeds 0-2: the fall came down 30 s late, and one replica above what
 # the rate fits with the margin. A diurnal fall sheds one replica at a time, a burst's end several
-# at once: 10 s for a one-replica surplus with 0.02 brings diurnal to 1.177 / 1.190 / 1.171x
-# (1.178 / 1.169 / 1.166x on seeds 3-5) at the same attainment, 0 reversals within 30 s, and
-# leaves bursty's attainment and reversals as they were (a 10 s delay for every step had cost
-# bursty 10-18 points: the next burst found its fleet gone).
+# at once: 10 s for a one-replica surplus in a fall, with 0.02, brings diurnal to 1.184 / 1.198 /
+# 1.178x (1.183 / 1.174 / 1.173x on seeds 3-5) at the same attainment, 0 reversals within 30 s,
+# and leaves bursty's attainment and reversals as they were (a 10 s delay for every step had cost
+# bursty 10-18 points: the next burst found its fleet gone). With 0.03 and 0.05, seed 1 costs
+# 1.205x and 1.222x. The price of 0.02: on a flat Poisson load near a replica boundary (75, 93
+# and 110 req/s, seeds 0-2, 600 s each) it reversed 6 times in the 9 runs, 0.05 once.
 RATE_UTILIZATION = 0.93
 RATE_CONFIG = OUR_CONFIG.model_copy(
     update={
@@ -467,7 +469,7 @@ def summarize(
     ray_delay = RayAutoscalingConfig().downscale_delay_s
     candidates = outcomes("ray", lambda p: f"ray (target {p:g})", ray_delay)
     for o in candidates:
-        print(f"  {o.policy}: attainment {o.attainment:.3f}, replica-s/oracle {o.replica_s:.2f}")
+        print(f"  {o.policy}: attainment {o.attainment:.3f}, replica-s/oracle {o.replica_s:.3f}")
     if candidates:
         best = max(candidates, key=lambda o: (round(o.attainment, 3), -o.replica_s))
         rows += [next(o for o in candidates if o.policy == "ray (target 2)"), best]
@@ -491,7 +493,7 @@ def table(rows_by_trace: dict[str, list[Outcome]]) -> str:
         for o in rows:
             lines.append(
                 f"| {trace} | {o.policy} | {o.attainment:.1%} of {o.window_count} windows | "
-                f"{o.replica_s:.2f} | {o.oscillations} ({o.downscale_delay_s:g} s) |"
+                f"{o.replica_s:.3f} | {o.oscillations} ({o.downscale_delay_s:g} s) |"
             )
     return "\n".join(lines)
 
