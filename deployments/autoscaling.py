@@ -27,8 +27,8 @@ The rules, in order:
   band     no change while load fits `target` replicas but not `target - 1` with the hysteresis
            margin: nothing flaps on noise around a boundary
   down     only after the load stayed low for `downscale_delay_s` (`downscale_delay_one_replica_s`
-           when it fits exactly one replica fewer and the last change was a step down: a slow
-           fall, not a swing), by at most `downscale_max_step`
+           for a step of a fall: one replica over, the last change a recent step down; see
+           `_short_delay`), by at most `downscale_max_step`
            replicas, then the delay starts again; never below what the arrival rate (finished
            per second + backlog growth) needs at the per-replica throughput measured in a
            steady state with every batch near T (`rate_at_target`)
@@ -165,7 +165,8 @@ class PolicyState:
     idle_since_s: float | None = None  # since when the load was exactly zero
     starting_since_s: float | None = None  # since when fewer replicas run than the target
     last_target: int | None = None  # what the policy returned last (None: never ran)
-    falling: bool = False  # the target's last change was a scale-down: a fall is under way
+    # When the target last stepped down, if no rise came after it: a fall may be under way.
+    last_down_s: float | None = None
     backlog: float | None = None  # the backlog at the last tick, for its growth rate
     backlog_s: float | None = None  # when it was seen
     growth: float = 0.0  # the backlog's growth rate (requests/s), smoothed
@@ -209,7 +210,7 @@ def decide(
     target = metrics.target_replicas
     per_replica = config.target_per_replica
     if state.last_target == 0 and target > 0:
-        state = replace(_record(state, _serve_cold_start(metrics, now)), falling=False)
+        state = replace(_record(state, _serve_cold_start(metrics, now)), last_down_s=None)
 
     sized, sizing, state, rate_floor = _sized_load(metrics, config, state, now)
     needed = math.ceil(sized / per_replica - 1e-9)
@@ -289,15 +290,16 @@ def decide(
     elif max(fits_with_margin, floor) < target:
         low_since = state.low_since_s if state.low_since_s is not None else now
         waited = now - low_since
-        # The surplus is the load's: a floor that stops the step short does not make a load
-        # that fell to nothing a drift of one replica.
-        delay = _delay(config, target, target - fits_with_margin, state.falling)
+        # The surplus is the load's: min_replicas or the scale-to-zero floor stopping the step
+        # short does not make a load that fell to nothing a drift of one replica.
+        short = _short_delay(config, target - fits_with_margin, state, low_since)
+        delay = _delay(config, target, short)
         if waited + 1e-9 >= delay:
             new = max(fits_with_margin, floor, target - config.downscale_max_step)
             direction = "down"
             reason = (
                 f"{reason}; {fits_with_margin} with a {config.downscale_hysteresis:g} margin, "
-                f"low for {waited:.0f} s"
+                f"low for {waited:.0f} s" + (" (one replica over, in a fall)" if short else "")
             )
             if new == 0 and idle_since is not None:
                 reason = f"idle for {now - idle_since:.0f} s: scale to zero"
@@ -341,7 +343,7 @@ def decide(
     if final != target or (capacity_limited and not _repeats_last(state, decision)):
         state = _record(state, decision)
     if final != target:
-        state = replace(state, falling=final < target)
+        state = replace(state, last_down_s=now if final < target else None)
     return decision, replace(state, last_target=final)
 
 
@@ -563,17 +565,30 @@ def _floor(config: ScalingConfig, state: PolicyState, target: int, now: float) -
     return 1
 
 
-def _delay(config: ScalingConfig, target: int, surplus: int, falling: bool) -> float:
-    """How long the load must stay low before a step down from `target`, `surplus` replicas
-    more than it needs, `falling` if the last change was a step down."""
+def _short_delay(config: ScalingConfig, surplus: int, state: PolicyState, low_since: float) -> bool:
+    """downscale_delay_one_replica_s applies: the load fits exactly one replica fewer, in a fall
+    (the target last stepped down, no rise came after it, and the load has been low since, or was
+    low again within downscale_delay_s of that step). A slow fall sheds one replica at a time,
+    and each step follows it closely. A burst's end leaves several, and bursts recur: its first
+    step waits the whole delay. So does the first step after a rise, and after a long steady
+    spell: a load that swings across one replica's worth would otherwise take a replica off and
+    back every swing."""
+    last_down = state.last_down_s
+    return (
+        config.downscale_delay_one_replica_s is not None
+        and surplus == 1
+        and last_down is not None
+        and low_since - last_down <= config.downscale_delay_s + 1e-9
+    )
+
+
+def _delay(config: ScalingConfig, target: int, short: bool) -> float:
+    """How long the load must stay low before a step down from `target`."""
     if target == 1 and isinstance(config, ModelAutoscalingConfig):
         # 1 -> 0 is governed by the idle period (checked in _floor), not the downscale delay.
         return 0.0
-    if surplus == 1 and falling and config.downscale_delay_one_replica_s is not None:
-        # A slow fall sheds one replica at a time, and each step follows it closely. A burst's
-        # end leaves several, and bursts recur: those wait the whole delay. So does the first
-        # step after a rise: a load that swings across one replica's worth within the delay
-        # would otherwise take a replica off and back every swing.
+    if short:
+        assert config.downscale_delay_one_replica_s is not None
         return config.downscale_delay_one_replica_s
     return config.downscale_delay_s
 

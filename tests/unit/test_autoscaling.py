@@ -7,7 +7,7 @@ import json
 import math
 import random
 from collections.abc import Callable
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from typing import Any
 
 import pytest
@@ -118,43 +118,57 @@ def test_a_load_spike_restarts_the_downscale_delay() -> None:
 
 
 ONE_REPLICA_DELAY = CONFIG.model_copy(update={"downscale_delay_one_replica_s": 10})
+A_FALL = PolicyState(last_down_s=0.0)  # the target stepped down at t = 0
 
 
 @pytest.mark.parametrize(
-    ("load", "min_replicas", "falling", "first_step_s", "to"),
+    ("load", "min_replicas", "state", "first_step_s", "to"),
     [
-        (30, 1, True, 10, 4),  # fits 4 of 5 at 10 x (1 - 0.2), in a fall: the short delay
-        (30, 1, False, 30, 4),  # the same right after a rise: the whole delay
-        (24, 1, True, 30, 3),  # fits 3: a surplus of two waits the whole delay
-        (0, 4, True, 30, 4),  # fell to nothing: the floor stops the step at one, not the delay
+        (30, 1, A_FALL, 10, 4),  # fits 4 of 5 at 10 x (1 - 0.2), in a fall: the short delay
+        (30, 1, PolicyState(), 30, 4),  # no step down before it: the whole delay
+        (24, 1, A_FALL, 30, 3),  # fits 3: a surplus of two waits the whole delay
+        (0, 4, A_FALL, 30, 4),  # fell to nothing: the floor stops the step at one, not the delay
     ],
 )
 def test_a_one_replica_surplus_in_a_fall_steps_down_after_its_own_delay(
-    load: float, min_replicas: int, falling: bool, first_step_s: int, to: int
+    load: float, min_replicas: int, state: PolicyState, first_step_s: int, to: int
 ) -> None:
     config = ONE_REPLICA_DELAY.model_copy(update={"min_replicas": min_replicas})
-    run = Run(config, target=5, state=PolicyState(falling=falling))
+    run = Run(config, target=5, state=state)
     targets = [run.tick(load=load) for _ in range(31)]
     assert targets[:first_step_s] == [5] * first_step_s and targets[first_step_s] == to
+    short = "(one replica over, in a fall)"
+    assert (short in run.state.history[-1].reason) == (first_step_s == 10)
 
 
 def test_a_fall_takes_the_short_delay_after_its_first_step() -> None:
     """8 replicas for a load that fits 5: 8 -> 6 after 30 s (a surplus of three), then 6 -> 5
     after 10 s (a surplus of one, in a fall), then nothing more."""
     run = Run(ONE_REPLICA_DELAY, target=8)
-    targets = [run.tick(load=40) for _ in range(80)]
+    targets = [run.tick(load=40) for _ in range(36)]
+    decision, _ = decide(metrics(6, 40), ONE_REPLICA_DELAY, run.state, run.now)
+    assert "low for 6 of 10 s" in decision.reason
+    targets += [run.tick(load=40) for _ in range(44)]
     changes = [(t, b) for t, (a, b) in enumerate(itertools.pairwise(targets), 1) if a != b]
     assert changes == [(30, 6), (40, 5)]
-    decision, _ = decide(metrics(6, 40), ONE_REPLICA_DELAY, replace(run.state, low_since_s=0), 5)
-    assert "low for 5 of 10 s" in decision.reason
 
 
-def test_a_load_swinging_by_one_replica_within_the_delay_changes_nothing() -> None:
-    """15 s fitting 5 replicas, 15 s fitting 4, for 10 minutes: the first step down after a rise
-    waits the whole delay, so the short one never takes a replica off to add it back."""
-    run = Run(ONE_REPLICA_DELAY, target=5)
+def test_a_rise_ends_the_fall_and_a_swing_after_it_changes_nothing() -> None:
+    """In a fall, the load rises (4 -> 5), then swings for 10 minutes between 15 s fitting 5
+    replicas and 15 s fitting 4: the first step down after a rise waits the whole delay, so
+    the short one never takes a replica off to add it back."""
+    run = Run(ONE_REPLICA_DELAY, target=4, state=A_FALL)
+    assert run.tick(load=45) == 5
     targets = [run.tick(load=45 if (t // 15) % 2 == 0 else 30) for t in range(600)]
     assert set(targets) == {5}
+
+
+def test_a_fall_long_over_takes_the_whole_delay() -> None:
+    """A step down, then 100 s within the band: the next surplus of one is no step of that fall."""
+    run = Run(ONE_REPLICA_DELAY, target=5, state=A_FALL)
+    assert {run.tick(load=45) for _ in range(100)} == {5}
+    targets = [run.tick(load=30) for _ in range(31)]
+    assert targets[:30] == [5] * 30 and targets[30] == 4
 
 
 def test_no_scale_down_while_the_last_scale_up_is_starting() -> None:
