@@ -299,7 +299,8 @@ def decide(
             direction = "down"
             reason = (
                 f"{reason}; {fits_with_margin} with a {config.downscale_hysteresis:g} margin, "
-                f"low for {waited:.0f} s" + (" (one replica over, in a fall)" if short else "")
+                f"low for {waited:.0f} s"
+                + (" (one replica over, in a fall)" if short is not None else "")
             )
             if new == 0 and idle_since is not None:
                 reason = f"idle for {now - idle_since:.0f} s: scale to zero"
@@ -565,32 +566,28 @@ def _floor(config: ScalingConfig, state: PolicyState, target: int, now: float) -
     return 1
 
 
-def _short_delay(config: ScalingConfig, surplus: int, state: PolicyState, low_since: float) -> bool:
-    """downscale_delay_one_replica_s applies: the load fits exactly one replica fewer, in a fall
-    (the target last stepped down, no rise came after it, and the load has been low since, or was
-    low again within downscale_delay_s of that step). A slow fall sheds one replica at a time,
-    and each step follows it closely. A burst's end leaves several, and bursts recur: its first
-    step waits the whole delay. So does the first step after a rise, and after a long steady
-    spell: a load that swings across one replica's worth would otherwise take a replica off and
-    back every swing."""
+def _short_delay(
+    config: ScalingConfig, surplus: int, state: PolicyState, low_since: float
+) -> float | None:
+    """downscale_delay_one_replica_s if it applies: the load fits exactly one replica fewer,
+    in a fall (the target last stepped down, no rise came after it, and the load has been low
+    since, or was low again within downscale_delay_s of that step). A slow fall sheds one
+    replica at a time, and each step follows it closely. A burst's end leaves several, and
+    bursts recur: its first step waits the whole delay. So does the first step after a rise,
+    and after a long steady spell: a load that swings across one replica's worth would
+    otherwise take a replica off and back every swing."""
     last_down = state.last_down_s
-    return (
-        config.downscale_delay_one_replica_s is not None
-        and surplus == 1
-        and last_down is not None
-        and low_since - last_down <= config.downscale_delay_s + 1e-9
-    )
+    in_a_fall = last_down is not None and low_since - last_down <= config.downscale_delay_s + 1e-9
+    return config.downscale_delay_one_replica_s if surplus == 1 and in_a_fall else None
 
 
-def _delay(config: ScalingConfig, target: int, short: bool) -> float:
-    """How long the load must stay low before a step down from `target`."""
+def _delay(config: ScalingConfig, target: int, short: float | None) -> float:
+    """How long the load must stay low before a step down from `target` (`short`: the
+    one-replica delay, when it applies)."""
     if target == 1 and isinstance(config, ModelAutoscalingConfig):
         # 1 -> 0 is governed by the idle period (checked in _floor), not the downscale delay.
         return 0.0
-    if short:
-        assert config.downscale_delay_one_replica_s is not None
-        return config.downscale_delay_one_replica_s
-    return config.downscale_delay_s
+    return config.downscale_delay_s if short is None else short
 
 
 # ---- the Ray Serve adapter ----------------------------------------------------------------------
