@@ -165,12 +165,12 @@ class ScalingConfig(StrictModel):
     downscale_delay_one_replica_s: NonNegativeFloat | None = Field(
         None,
         description="The delay instead for a step of a fall: the load fits exactly one replica "
-        "fewer, the target's last change was a step down, and the load has been low since or "
-        "was low again within downscale_delay_s of it (unset: downscale_delay_s; at most that). "
-        "A slow fall, as a diurnal evening's, sheds one replica at a time, and a shorter delay "
-        "follows it closely. The first step after a rise or a steady spell, and a burst's end "
-        "(a surplus of two or more), wait downscale_delay_s. Its price: a dip shorter than "
-        "downscale_delay_s right after a step down is shed and added back.",
+        "fewer and the target's last change was a step down (unset: downscale_delay_s; at most "
+        "that). A slow fall, as a diurnal evening's, sheds one replica at a time, and a shorter "
+        "delay follows it closely. The first step after a rise, and a burst's end (a surplus of "
+        "two or more), wait downscale_delay_s. Its price: a dip of one replica's worth shorter "
+        "than downscale_delay_s, after a step down and before the next rise, is shed and added "
+        "back (once: the rise ends the fall).",
     )
     downscale_hysteresis: float = Field(
         0.2,
