@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import math
 import random
 import re
 import sys
@@ -328,23 +327,13 @@ async def _cancel_and_wait(tasks: Sequence[asyncio.Task[None]]) -> None:
     await asyncio.gather(*tasks, return_exceptions=True)
 
 
-class SloWatch(NamedTuple):
-    """Ends a run once a window of request starts has missed a TTFT p95 objective for certain
-    (`metrics.SloWindows`): what the rest of an overloaded run would measure no longer counts,
-    and its queue would take minutes to drain."""
-
-    ttft_s: float
-    window_s: float
-    until_s: float = math.inf  # only windows that end by then count (see SloWindows)
-
-
 class LoadRun(NamedTuple):
     records: list[RequestRecord]  # in send order
     duration_s: float  # from the start until the last request ended, as vLLM measures it
     not_sent: int  # requests of the workload never sent (see _Runner.not_sent)
     # Requests in flight when the run was interrupted, not in `records`; None: not interrupted.
     cut_by_interrupt: int | None = None
-    # The window (index) whose miss ended the run (SloWatch), and the requests it cut in flight.
+    # The window (index) whose miss ended the run (SloWindows), and the requests it cut in flight.
     slo_missed_window: int | None = None
     cut_at_slo_miss: int | None = None
 
@@ -362,7 +351,7 @@ async def run_load(
     progress: bool = True,
     duration_s: float | None = None,
     seed: int = 0,
-    stop_at_slo_miss: SloWatch | None = None,
+    stop_at_slo_miss: SloWindows | None = None,
     transport: httpx.AsyncBaseTransport | None = None,
 ) -> LoadRun:
     """Sends the sessions as `plan` schedules them; returns the records, the run's duration and
@@ -370,7 +359,9 @@ async def run_load(
 
     `duration_s` stops new requests after that many seconds (running ones finish, each within
     `timeout_s`); `seed` seeds the arrival times; `stop_at_slo_miss` ends the run at the first
-    window that missed its SLO; `transport` replaces the network (tests).
+    window that missed its SLO for certain (a fresh SloWindows per run: it keeps what it has
+    judged), since the rest of an overloaded run no longer counts and its queue would take
+    minutes to drain; `transport` replaces the network (tests).
 
     Cancelled (Ctrl-C: asyncio.run cancels its task), or stopped at an SLO miss, it returns
     what ended by then: the requests in flight are cut and counted, the rest count as not sent.
@@ -409,9 +400,7 @@ async def run_load(
         )
         watch = None
         if stop_at_slo_miss is not None:
-            slo = stop_at_slo_miss
-            windows = SloWindows(slo.ttft_s, slo.window_s, slo.until_s)
-            watch = asyncio.create_task(_stop_at_slo_miss(client, load, windows))
+            watch = asyncio.create_task(_stop_at_slo_miss(client, load, stop_at_slo_miss))
         try:
             await load  # cancelled with this task by a Ctrl-C, or by `watch`
         except asyncio.CancelledError:

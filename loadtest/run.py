@@ -28,8 +28,8 @@ from cluster.embedded_model import ensure_embedded_model
 from deployments.tokenizer import PromptTokenizer
 from loadtest.argtypes import finite_positive_float
 from loadtest.arrivals import add_arrival_arguments, build_arrivals
-from loadtest.client import Endpoint, SloWatch, run_load
-from loadtest.metrics import summarize
+from loadtest.client import Endpoint, run_load
+from loadtest.metrics import SloWindows, summarize
 from loadtest.report import add_output_arguments, summary_table, write_report
 from loadtest.workloads import add_workload_arguments, build_workload
 
@@ -170,7 +170,7 @@ def handle(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
             seed=args.seed,
             stop_at_slo_miss=None
             if args.stop_at_slo_miss is None
-            else SloWatch(
+            else SloWindows(
                 args.slo_ttft_ms / 1000.0,
                 args.stop_at_slo_miss,
                 args.stop_at_slo_miss_until_s or math.inf,

@@ -20,7 +20,7 @@ from deployments.tokenizer import PromptTokenizer
 from loadtest import client, report
 from loadtest.arrivals import ArrivalPlan
 from loadtest.client import run_load
-from loadtest.metrics import summarize
+from loadtest.metrics import SloWindows, summarize
 from loadtest.report import write_report
 from loadtest.spec import RequestRecord, Session, Turn
 from loadtest.workloads import encode_continuation
@@ -393,7 +393,7 @@ def watched_run(
         [one_turn(i) for i in range(100)],
         plan,
         progress=False,
-        stop_at_slo_miss=client.SloWatch(ttft_s=0.3, window_s=1.0),
+        stop_at_slo_miss=SloWindows(slo_ttft_s=0.3, window_s=1.0),
         transport=httpx.MockTransport(handler),
     )
 
